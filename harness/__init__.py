@@ -1,0 +1,1 @@
+"""The shared training harness: config, loop, checkpoints, tracking. Tasks live in sibling packages."""

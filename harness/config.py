@@ -1,0 +1,227 @@
+"""Run configuration: a typed schema (pydantic), YAML files, `key=value` / `--key=value` overrides.
+
+The schema is the harness's own sections (trainer, optim, sched, ema, checkpoint, log) plus the
+sections the chosen task declares (`Task.sections`, e.g. data/model/loss). Every mistake becomes a
+`ConfigError` whose message names the key; `train.py` prints it and exits 2 without a traceback.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, create_model
+
+from harness.task import Section, get_task
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, bad data, a missing file): the entry points print the
+    message without a traceback and exit 2. Tasks raise it for bad input, naming the file or key."""
+
+
+class ConfigError(UserError):
+    """A mistake in a config file or override; the message says which key and why."""
+
+
+class Trainer(Section):
+    epochs: int = Field(10, ge=0, description="passes over the training set")
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer updates (overrides epochs)")
+    batch_size: int = Field(32, ge=1, description="per process")
+    eval_batch_size: Optional[int] = Field(None, ge=1, description="per process; default batch_size")
+    grad_accum_steps: int = Field(1, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    grad_clip: Optional[float] = Field(None, gt=0, description="max global grad norm; null = no clipping")
+    eval_every_epochs: int = Field(1, ge=0, description="0 = only by steps / at the end")
+    eval_every_steps: Optional[int] = Field(None, ge=1)
+    compile: bool = False
+    channels_last: bool = False
+    deterministic: bool = False
+    max_minutes: Optional[float] = Field(None, gt=0, description="save `last` and stop after this wall time")
+    on_nonfinite: Literal["stop", "skip"] = Field("stop", description="NaN/inf loss: stop the run, or skip the batch")
+    num_workers: int = Field(0, ge=0)
+    save_every_steps: Optional[int] = Field(None, ge=1, description="also write `last` every N updates")
+
+
+class Optim(Section):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(0.9, ge=0, description="sgd")
+    nesterov: bool = Field(True, description="sgd")
+    no_decay_bias_norm: bool = Field(True, description="no weight decay on biases and norm weights")
+
+
+class Sched(Section):
+    name: Literal["onecycle", "cosine", "constant", "plateau"] = "cosine"
+    warmup_steps: int = Field(0, ge=0, description="cosine/constant: linear warm-up updates")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final lr / peak lr")
+    pct_start: float = Field(0.25, gt=0, lt=1, description="onecycle: fraction of updates spent rising")
+    div_factor: float = Field(25.0, gt=0, description="onecycle: initial lr = lr / div_factor")
+    final_div_factor: float = Field(1e4, gt=0, description="onecycle: final lr = initial lr / final_div_factor")
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    plateau_patience: int = Field(2, ge=0, description="plateau: evaluations without improvement")
+
+
+class Ema(Section):
+    enabled: bool = False
+    decay: float = Field(0.999, gt=0, lt=1)
+    warmup: bool = Field(True, description="ramp the decay up early in training (timm ModelEmaV3)")
+
+
+class Checkpoint(Section):
+    monitor: str = Field("val/loss", description="logged metric that chooses `best`")
+    mode: Literal["min", "max"] = "min"
+    keep_top_k: int = Field(1, ge=0, description="best checkpoints kept; 0 = none")
+
+
+class Log(Section):
+    wandb: Literal["online", "offline", "disabled"] = "offline"
+    project: str = "kagglerig"
+    entity: Optional[str] = None
+    name: Optional[str] = Field(None, description="run name; default the output_dir's name")
+    group: Optional[str] = None
+    tags: list[str] = []
+    every_steps: int = Field(10, ge=1, description="train metrics are averaged and logged this often")
+    progress: Literal["auto", "bar", "plain", "none"] = Field("auto", description="auto: bar on a terminal, lines otherwise")
+
+
+class BaseRunConfig(Section):
+    task: str = "gwi"
+    seed: int = 0
+    output_dir: str = "outputs/run"
+    resume: str = Field("auto", description="auto: continue from output_dir/checkpoints/last if present; never; or a checkpoint path")
+    trainer: Trainer = Trainer()
+    optim: Optim = Optim()
+    sched: Sched = Sched()
+    ema: Ema = Ema()
+    checkpoint: Checkpoint = Checkpoint()
+    log: Log = Log()
+
+
+def schema_for(task_name: str) -> type[BaseRunConfig]:
+    """The full schema: the harness's sections plus the ones the task declares."""
+    task = get_task(task_name)
+    fields = {name: (section, section()) for name, section in task.sections.items()}
+    return create_model(f"RunConfig_{task_name}", __base__=BaseRunConfig, **fields)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`optim.lr=3e-4` or `--optim.lr=3e-4` (a W&B sweep agent's form) -> ("optim.lr", 0.0003)."""
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise ConfigError(f"override {text!r}: expected key=value or --key=value")
+    key, raw = body.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    return key, _parse_value(raw)
+
+
+def _parse_value(raw: str) -> Any:
+    if raw.strip() in ("None", "none", "null", "~"):
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    # YAML 1.1 reads "3e-4" as a string; the schema's float fields coerce it, and "" stays "".
+    return raw if value is None else value
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {} if child is None else child
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping of keys at the top, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> BaseRunConfig:
+    """YAML file (default `configs/default.yaml`) + overrides -> validated config."""
+    tree = read_yaml(path or DEFAULT_CONFIG)
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    return validate(tree)
+
+
+def validate(tree: dict) -> BaseRunConfig:
+    task_name = tree.get("task", BaseRunConfig.model_fields["task"].default)
+    if not isinstance(task_name, str):
+        raise ConfigError(f"key 'task': expected a task name (str), got {task_name!r}")
+    schema = schema_for(task_name)
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, schema)) from None
+
+
+def dotted_keys(schema: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    """Every leaf key of a schema -> its field info, e.g. {"optim.lr": FieldInfo, ...}."""
+    keys = {}
+    for name, field in schema.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.update(dotted_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys[f"{prefix}{name}"] = field
+    return keys
+
+
+def _explain(err: ValidationError, schema: type[BaseModel]) -> str:
+    valid = dotted_keys(schema)
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+            near = difflib.get_close_matches(key, valid, n=3, cutoff=0.6) or difflib.get_close_matches(
+                key, [k for k in valid if k.startswith(section)], n=3, cutoff=0.0
+            )
+            hint = f"; nearest valid keys: {', '.join(near)}" if near else ""
+            lines.append(f"unknown key {key!r}{hint}")
+            continue
+        field = valid.get(key) or valid.get(key.rsplit(".", 1)[0])
+        expected = _type_name(field.annotation) if field is not None else problem["type"]
+        lines.append(f"key {key!r}: expected {expected}, got {problem.get('input')!r} ({problem['msg']})")
+    return "config error: " + "\n  ".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
+    return text.replace("typing.", "")
+
+
+def to_plain_dict(cfg: BaseModel) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def save_yaml(cfg: BaseModel, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_plain_dict(cfg), sort_keys=False))

@@ -1,0 +1,296 @@
+"""The training loop every task shares. It knows nothing about seismic or digits: it talks to a `Task`.
+
+Read top to bottom: set-up (Accelerator, data, model, optimizer, schedule, EMA, resume, W&B), then
+the loop (forward, loss, backward, clip, step, schedule, EMA, log, evaluate, checkpoint), then the
+exits (end, SIGTERM/SIGINT, time budget, NaN).
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+
+from harness.checkpoint import Checkpointer
+from harness.config import BaseRunConfig, ConfigError, save_yaml
+from harness.optim import build_optimizer, build_scheduler, build_ema
+from harness.task import get_task
+from harness.tracking import Tracker, start_wandb
+
+
+class TrainState:
+    """Loop counters, checkpointed with the rest of the state (Accelerate's register_for_checkpointing)."""
+
+    def __init__(self):
+        self.epoch = 0  # current epoch
+        self.step = 0  # optimizer updates done
+        self.batches_in_epoch = 0  # micro-batches of the current epoch already consumed
+        self.wandb_run_id = None
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
+
+class RunFailed(Exception):
+    """The run stopped for a reason the user must act on (e.g. a NaN loss); exit non-zero."""
+
+
+def train(cfg: BaseRunConfig) -> dict:
+    """Train `cfg.task` as configured; returns a summary (last step, best metric, why it stopped)."""
+    task = get_task(cfg.task, cfg)
+    tc = cfg.trainer
+    run_dir = Path(cfg.output_dir)
+    if tc.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision,
+        gradient_accumulation_steps=tc.grad_accum_steps,
+        log_with="wandb" if cfg.log.wandb != "disabled" else None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir)),
+        # The seedable sampler makes epoch e's order a function of (seed, e), the same on every
+        # process and after a resume; skipped batches are then skipped in the sampler, unread.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        step_scheduler_with_optimizer=False,  # we step it ourselves, once per real optimizer update
+    )
+    set_seed(cfg.seed, deterministic=tc.deterministic)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
+
+    # ---- data and model -------------------------------------------------------------------------
+    train_set, val_set = task.build_datasets(cfg)
+    loader_args = dict(num_workers=tc.num_workers, pin_memory=torch.cuda.is_available(),
+                       persistent_workers=False, collate_fn=getattr(task, "collate_fn", None))
+    train_loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, drop_last=True,
+                              # Its own generator: creating an iterator must not draw from the global
+                              # RNG, or a resumed run's dropout would diverge from a straight one.
+                              generator=torch.Generator().manual_seed(cfg.seed), **loader_args)
+    val_loader = DataLoader(val_set, batch_size=tc.eval_batch_size or tc.batch_size, shuffle=False, **loader_args)
+    if len(train_loader) == 0:
+        raise ConfigError(f"key 'trainer.batch_size': {tc.batch_size} is larger than the training set ({len(train_set)} samples)")
+
+    model = task.build_model(cfg)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optim, model)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    raw_model = accelerator.unwrap_model(model)
+    if tc.compile:
+        model = torch.compile(model)
+
+    updates_per_epoch = math.ceil(len(train_loader) / tc.grad_accum_steps)
+    total_steps = tc.max_steps or tc.epochs * updates_per_epoch
+    scheduler = build_scheduler(cfg.sched, optimizer, total_steps, cfg.checkpoint.mode)
+    ema = build_ema(cfg.ema, raw_model)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state, *([ema] if ema is not None else []))
+    checkpointer = Checkpointer(accelerator, run_dir, cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.keep_top_k)
+    weights_for_inference = ema.module if ema is not None else raw_model
+
+    # ---- resume ---------------------------------------------------------------------------------
+    resume_from = None
+    if cfg.resume == "auto":
+        resume_from = checkpointer.resume_dir()
+    elif cfg.resume != "never":
+        resume_from = Path(cfg.resume)
+        if not (resume_from / "meta.json").is_file():
+            raise ConfigError(f"key 'resume': {cfg.resume!r} is not a complete checkpoint directory (no meta.json)")
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
+
+    state.wandb_run_id = start_wandb(accelerator, cfg, run_dir, state.wandb_run_id) or state.wandb_run_id
+    tracker = Tracker(accelerator, run_dir, total_steps, state.step, cfg.log.progress, cfg.log.every_steps)
+
+    # ---- stopping: signals, time budget, non-finite loss --------------------------------------------
+    stop_requested = []
+
+    def on_signal(signum, frame):
+        if stop_requested:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        stop_requested.append(signal.Signals(signum).name)
+
+    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    deadline = time.monotonic() + tc.max_minutes * 60 if tc.max_minutes else None
+
+    def evaluate_and_keep_best() -> dict:
+        values = {}
+        if ema is not None:
+            values |= {f"val_raw/{k}": v for k, v in evaluate(accelerator, task, model, val_loader, tc.channels_last).items()}
+        values |= {f"val/{k}": v for k, v in evaluate(accelerator, task, weights_for_inference, val_loader, tc.channels_last).items()}
+        monitor = cfg.checkpoint.monitor
+        if monitor not in values:
+            raise ConfigError(f"key 'checkpoint.monitor': {monitor!r} is not an evaluation metric; available: {', '.join(sorted(values))}")
+        if cfg.sched.name == "plateau":
+            scheduler.step(values[monitor])
+        meta = dict(step=state.step, epoch=state.epoch, task=cfg.task, metrics=values, config=cfg.model_dump(mode="json"))
+        if checkpointer.save_best(weights_for_inference, values[monitor], meta):
+            summary["best"] = {"step": state.step, monitor: values[monitor]}
+        tracker.log(values, state.step, epoch_progress())
+        tracker.message(f"eval step {state.step}: " + " ".join(f"{k} {v:.5g}" for k, v in values.items()))
+        return values
+
+    def save_last(reason: str) -> None:
+        meta = dict(step=state.step, epoch=state.epoch, task=cfg.task, reason=reason, config=cfg.model_dump(mode="json"))
+        checkpointer.save_last(weights_for_inference, meta)
+
+    def epoch_progress() -> float:
+        return state.epoch + state.batches_in_epoch / len(train_loader)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    summary = {"stopped": "finished"}
+    window = defaultdict(float)  # train values summed since the last log line
+    window_start = time.perf_counter()
+    last_eval_step = -1
+    try:
+        while state.step < total_steps and (tc.max_steps or state.epoch < tc.epochs):
+            train_loader.set_epoch(state.epoch)
+            if hasattr(train_set, "set_epoch"):
+                train_set.set_epoch(state.epoch)
+            batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
+            model.train()
+            for batch in batches:
+                if tc.channels_last:
+                    batch = to_channels_last(batch)
+                with accelerator.accumulate(model):
+                    outputs = task.forward(model, batch)
+                    loss = task.loss(outputs, batch)
+                    # One small all-reduce tells every process whether any saw a non-finite loss or a
+                    # stop request, so all of them take the same branch (no collective is left hanging).
+                    bad_loss, stop_now = any_process(accelerator, not torch.isfinite(loss.detach()).item(),
+                                                     bool(stop_requested) or (deadline is not None and time.monotonic() > deadline))
+                    if bad_loss and tc.on_nonfinite == "stop":
+                        raise RunFailed(f"non-finite loss ({loss.item()}) at step {state.step}, epoch {state.epoch}: "
+                                        f"the run stops; the last good checkpoint is kept in {run_dir / 'checkpoints'}. "
+                                        "Lower optim.lr, enable trainer.grad_clip, or set trainer.on_nonfinite=skip.")
+                    if not bad_loss:
+                        accelerator.backward(loss)
+                    window["skipped_batches"] += float(bad_loss)
+                    window["loss"] += 0.0 if bad_loss else loss.detach().float()
+                    window["samples"] += task.batch_size(batch) * accelerator.num_processes
+                    window["batches"] += 1
+                    if accelerator.sync_gradients:
+                        if tc.grad_clip is not None:
+                            window["grad_norm"] += accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip).float()
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                state.batches_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
+
+                # ---- one optimizer update is done ----
+                if not optimizer.step_was_skipped and cfg.sched.name != "plateau":
+                    scheduler.step()
+                state.step += 1
+                if ema is not None:
+                    ema.update(raw_model, step=state.step)
+                window["updates"] += 1
+                if state.step % cfg.log.every_steps == 0 or state.step == total_steps:
+                    tracker.log(summarize_window(window, optimizer, time.perf_counter() - window_start), state.step, epoch_progress())
+                    shown = {"loss": window["loss"] / max(window["batches"] - window["skipped_batches"], 1)}
+                    window.clear()
+                    window_start = time.perf_counter()
+                    tracker.advance(state.step, {k: float(v) for k, v in shown.items()} | {"lr": optimizer.param_groups[0]["lr"]})
+                else:
+                    tracker.advance(state.step, {})
+                if tc.eval_every_steps and state.step % tc.eval_every_steps == 0:
+                    evaluate_and_keep_best()
+                    last_eval_step = state.step
+                    model.train()
+                if tc.save_every_steps and state.step % tc.save_every_steps == 0:
+                    save_last("periodic")
+                if stop_now:
+                    summary["stopped"] = stop_requested[0] if stop_requested else "max_minutes"
+                    break
+                if state.step >= total_steps:
+                    break
+            if summary["stopped"] != "finished":
+                break
+            if state.batches_in_epoch >= len(train_loader):  # the epoch ran to its end
+                state.epoch += 1
+                state.batches_in_epoch = 0
+                if tc.eval_every_epochs and state.epoch % tc.eval_every_epochs == 0 and last_eval_step != state.step:
+                    evaluate_and_keep_best()
+                    last_eval_step = state.step
+                save_last("epoch")
+        if summary["stopped"] == "finished" and last_eval_step != state.step:
+            evaluate_and_keep_best()
+        save_last(summary["stopped"])
+        if summary["stopped"] != "finished":
+            tracker.message(f"stopped by {summary['stopped']} at step {state.step}: saved {run_dir / 'checkpoints' / 'last'}; "
+                            "run the same command again to resume")
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        tracker.close()
+
+    summary["step"] = state.step
+    if "best" in summary:
+        tracker.summary({f"best/{k}": v for k, v in summary["best"].items()})
+    accelerator.end_training()
+    return summary
+
+
+def any_process(accelerator, *flags: bool) -> list[bool]:
+    """OR each flag across processes (no communication at all with one process)."""
+    if accelerator.num_processes == 1:
+        return list(flags)
+    tensor = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    return [bool(v) for v in accelerator.reduce(tensor, reduction="sum").tolist()]
+
+
+def summarize_window(window: dict, optimizer, seconds: float) -> dict:
+    done = max(window["batches"] - window["skipped_batches"], 1)
+    values = {
+        "train/loss": float(window["loss"]) / done,
+        "train/lr": optimizer.param_groups[0]["lr"],
+        "train/samples_per_s": window["samples"] / max(seconds, 1e-9),
+    }
+    if "grad_norm" in window:
+        values["train/grad_norm"] = float(window["grad_norm"]) / max(window["updates"], 1)
+    if window["skipped_batches"]:
+        values["train/skipped_batches"] = window["skipped_batches"]
+    return values
+
+
+@torch.no_grad()
+def evaluate(accelerator, task, model, loader, channels_last: bool = False) -> dict[str, float]:
+    """Average each per-sample metric over the whole validation set, gathered across processes with
+    the padding duplicates removed (gather_for_metrics), NaN entries ignored."""
+    was_training = model.training
+    model.eval()
+    sums, counts = defaultdict(lambda: 0.0), defaultdict(lambda: 0.0)
+    for batch in loader:
+        if channels_last:
+            batch = to_channels_last(batch)
+        with accelerator.autocast():
+            outputs = task.forward(model, batch)
+        per_sample = accelerator.gather_for_metrics(task.metrics(outputs, batch))
+        for name, values in per_sample.items():
+            values = values.detach().float().reshape(-1)
+            present = ~torch.isnan(values)
+            sums[name] = sums[name] + values[present].sum()
+            counts[name] = counts[name] + present.sum()
+    model.train(was_training)
+    return {name: float(sums[name] / counts[name]) if float(counts[name]) else float("nan") for name in sums}
+
+
+def to_channels_last(batch):
+    if isinstance(batch, torch.Tensor):
+        return batch.contiguous(memory_format=torch.channels_last) if batch.ndim == 4 else batch
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_channels_last(b) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_channels_last(v) for k, v in batch.items()}
+    return batch

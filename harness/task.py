@@ -1,0 +1,95 @@
+"""The Task interface: the only thing the training loop talks to, and the registry of tasks by name.
+
+A task is a folder (package) that subclasses `Task` and registers it with `@register_task("name")`.
+The config key `task: name` imports the package of that name, so a third task needs no change here
+or in the loop.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from accelerate.utils import find_batch_size
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+from torch.utils.data import Dataset
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, protected_namespaces=())
+
+
+class Task:
+    """Subclass and override. `cfg` is the whole validated run config (`harness.config.RunConfig`);
+    the task's own sections (`sections`) are reachable as attributes, e.g. `cfg.data.root`. The
+    instance keeps it as `self.cfg`, so `loss` and `metrics` can read their options."""
+
+    name: str = ""
+    # Config sections this task owns, e.g. {"data": GwiData, "model": GwiModel, "loss": GwiLoss}.
+    sections: dict[str, type[Section]] = {}
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
+
+    def build_datasets(self, cfg) -> tuple[Dataset, Dataset]:
+        """(train, val). A dataset with `set_epoch(epoch)` is told the epoch before each pass, so its
+        random augmentation can be a function of (seed, epoch, index) and resume exactly."""
+        raise NotImplementedError
+
+    def build_model(self, cfg) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, batch):
+        """Run the model on a batch; the default takes the batch's first element as the input."""
+        return model(batch[0])
+
+    def loss(self, outputs, batch) -> torch.Tensor:
+        """Scalar training loss."""
+        raise NotImplementedError
+
+    def metrics(self, outputs, batch) -> dict[str, torch.Tensor]:
+        """Per-sample values, each a (B,) tensor; NaN where a metric does not apply to a sample
+        (e.g. a per-family error). The loop gathers them across processes without duplicates and
+        averages the non-NaN values. Must include "loss"."""
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, batch) -> torch.Tensor:
+        """Inference-time prediction (e.g. with test-time augmentation); defaults to `forward`."""
+        return self.forward(model, batch)
+
+    def batch_size(self, batch) -> int:
+        return find_batch_size(batch)
+
+
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register_task(name: str):
+    def add(cls: type[Task]) -> type[Task]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def get_task(name: str, cfg=None) -> Task:
+    """The task registered under `name` (importing the package of that name on first use), bound to
+    the run config `cfg`."""
+    if name not in _REGISTRY:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
+    if name not in _REGISTRY:
+        from harness.config import ConfigError
+
+        raise ConfigError(f"key 'task': unknown task {name!r}; registered tasks: {sorted(_REGISTRY) or 'none'}")
+    return _REGISTRY[name](cfg)
+
+
+def known_tasks() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,148 @@
+"""Where a run's numbers go: `metrics.jsonl`, W&B (through Accelerate's tracker) and the console.
+
+Only the main process writes anything; the other processes get a `Tracker` that does nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tqdm.auto import tqdm
+
+
+def has_wandb_credentials() -> bool:
+    """True when wandb could log in without prompting: an API key in the environment or ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_wandb_mode(requested: str) -> str:
+    """online without credentials would prompt (or raise in a non-interactive shell): go offline."""
+    if requested == "online" and not has_wandb_credentials():
+        print("W&B: no API key found (WANDB_API_KEY or ~/.netrc): logging offline; "
+              "sync later with `wandb sync <output_dir>/wandb/offline-run-*`", file=sys.stderr)
+        return "offline"
+    return requested
+
+
+def start_wandb(accelerator, cfg, run_dir: Path, run_id: str | None) -> str | None:
+    """Start the W&B run on the main process through Accelerate's tracker; returns the run id (kept in
+    the checkpoint so a resumed run continues the same W&B run)."""
+    mode = resolve_wandb_mode(cfg.log.wandb)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    def init(mode: str):
+        kwargs = dict(
+            mode=mode, dir=str(run_dir), name=cfg.log.name or run_dir.name, group=cfg.log.group,
+            tags=list(cfg.log.tags), entity=cfg.log.entity, id=run_id, resume="allow" if run_id else None,
+            settings=wandb.Settings(init_timeout=90, silent=True, console="off"),
+        )
+        accelerator.init_trackers(cfg.log.project, config=cfg.model_dump(mode="json"), init_kwargs={"wandb": kwargs})
+
+    try:
+        init(mode)
+    except Exception as err:  # an online run that cannot reach the server must not kill training
+        if mode != "online":
+            raise
+        print(f"W&B: online start failed ({err}); logging offline instead", file=sys.stderr)
+        accelerator.trackers.clear()
+        init("offline")
+    run = accelerator.get_tracker("wandb", unwrap=True) if accelerator.is_main_process else None
+    return getattr(run, "id", None)
+
+
+class Tracker:
+    """metrics.jsonl + W&B + a progress display, all on the main process only."""
+
+    def __init__(self, accelerator, run_dir: Path, total_steps: int, start_step: int, progress: str, log_every: int):
+        self.accelerator = accelerator
+        self.active = accelerator.is_main_process
+        self.log_every = log_every
+        self.jsonl = open(run_dir / "metrics.jsonl", "a") if self.active else None
+        if progress == "auto":
+            progress = "bar" if sys.stderr.isatty() else "plain"
+        self.progress = progress if self.active else "none"
+        self.total_steps = total_steps
+        self.start_step, self.start_time = start_step, time.perf_counter()
+        self.bar = None
+        if self.progress == "bar":
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, values: dict, step: int, epoch: float) -> None:
+        if not self.active:
+            return
+        record = {"step": step, "epoch": round(epoch, 4), **{k: _plain(v) for k, v in values.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        self.accelerator.log(values, step=step)
+
+    def summary(self, values: dict) -> None:
+        if not self.active:
+            return
+        run = self.accelerator.get_tracker("wandb", unwrap=True) if self._has_wandb() else None
+        if run is not None:
+            for key, value in values.items():
+                run.summary[key] = _plain(value)
+
+    def _has_wandb(self) -> bool:
+        return any(t.name == "wandb" for t in self.accelerator.trackers)
+
+    def advance(self, step: int, shown: dict) -> None:
+        """Called after every optimizer update with the latest averaged train values."""
+        if self.progress == "bar":
+            self.bar.update(step - self.bar.n)
+            if shown:
+                self.bar.set_postfix({k: _short(v) for k, v in shown.items()}, refresh=False)
+        elif self.progress == "plain" and shown and (step % self.log_every == 0 or step == self.total_steps):
+            done = step - self.start_step
+            elapsed = time.perf_counter() - self.start_time
+            eta = elapsed / max(done, 1) * (self.total_steps - step)
+            fields = " ".join(f"{k} {_short(v)}" for k, v in shown.items())
+            print(f"step {step}/{self.total_steps} {fields} eta {_clock(eta)}", flush=True)
+
+    def message(self, text: str) -> None:
+        if self.active:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf
+    return value
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def quiet_third_party_warnings() -> None:
+    warnings.filterwarnings("ignore", message=".*torch.utils._pytree._register_pytree_node.*")
