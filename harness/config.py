@@ -128,7 +128,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _parse_value(raw: str) -> Any:
-    if raw.strip() in ("None", "none", "null", "~"):
+    if raw.strip() in ("None", "null", "~"):  # Python's None as a W&B agent writes it; "none" stays a word
         return None
     try:
         value = yaml.safe_load(raw)

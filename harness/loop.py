@@ -32,6 +32,8 @@ class TrainState:
         self.epoch = 0  # current epoch
         self.step = 0  # optimizer updates done
         self.batches_in_epoch = 0  # micro-batches of the current epoch already consumed
+        self.last_eval_step = -1  # so a resumed run does not evaluate the same weights twice
+        self.total_steps = 0  # the schedule's length when the checkpoint was written
         self.wandb_run_id = None
 
     def state_dict(self) -> dict:
@@ -106,9 +108,19 @@ def train(cfg: BaseRunConfig) -> dict:
         resume_from = Path(cfg.resume)
         if not (resume_from / "meta.json").is_file():
             raise ConfigError(f"key 'resume': {cfg.resume!r} is not a complete checkpoint directory (no meta.json)")
+    resumed_step = None
     if resume_from is not None:
+        state.total_steps = total_steps
         accelerator.load_state(str(resume_from))
+        resumed_step = state.step
+        if state.total_steps != total_steps:
+            if cfg.sched.name == "onecycle":
+                raise ConfigError(f"key 'trainer.epochs'/'trainer.max_steps': {resume_from} was trained with a one-cycle "
+                                  f"schedule of {state.total_steps} updates, this config asks for {total_steps}; a one-cycle "
+                                  "schedule cannot be stretched: keep the length or start a new output_dir")
+            accelerator.print(f"note: the schedule grows from {state.total_steps} to {total_steps} updates")
         accelerator.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
+    state.total_steps = total_steps
 
     state.wandb_run_id = start_wandb(accelerator, cfg, run_dir, state.wandb_run_id) or state.wandb_run_id
     tracker = Tracker(accelerator, run_dir, total_steps, state.step, cfg.log.progress, cfg.log.every_steps)
@@ -129,6 +141,7 @@ def train(cfg: BaseRunConfig) -> dict:
         if ema is not None:
             values |= {f"val_raw/{k}": v for k, v in evaluate(accelerator, task, model, val_loader, tc.channels_last).items()}
         values |= {f"val/{k}": v for k, v in evaluate(accelerator, task, weights_for_inference, val_loader, tc.channels_last).items()}
+        state.last_eval_step = state.step
         monitor = cfg.checkpoint.monitor
         if monitor not in values:
             raise ConfigError(f"key 'checkpoint.monitor': {monitor!r} is not an evaluation metric; available: {', '.join(sorted(values))}")
@@ -152,7 +165,6 @@ def train(cfg: BaseRunConfig) -> dict:
     summary = {"stopped": "finished"}
     window = defaultdict(float)  # train values summed since the last log line
     window_start = time.perf_counter()
-    last_eval_step = -1
     try:
         while state.step < total_steps and (tc.max_steps or state.epoch < tc.epochs):
             train_loader.set_epoch(state.epoch)
@@ -206,7 +218,6 @@ def train(cfg: BaseRunConfig) -> dict:
                     tracker.advance(state.step, {})
                 if tc.eval_every_steps and state.step % tc.eval_every_steps == 0:
                     evaluate_and_keep_best()
-                    last_eval_step = state.step
                     model.train()
                 if tc.save_every_steps and state.step % tc.save_every_steps == 0:
                     save_last("periodic")
@@ -220,13 +231,13 @@ def train(cfg: BaseRunConfig) -> dict:
             if state.batches_in_epoch >= len(train_loader):  # the epoch ran to its end
                 state.epoch += 1
                 state.batches_in_epoch = 0
-                if tc.eval_every_epochs and state.epoch % tc.eval_every_epochs == 0 and last_eval_step != state.step:
+                if tc.eval_every_epochs and state.epoch % tc.eval_every_epochs == 0 and state.last_eval_step != state.step:
                     evaluate_and_keep_best()
-                    last_eval_step = state.step
                 save_last("epoch")
-        if summary["stopped"] == "finished" and last_eval_step != state.step:
+        if summary["stopped"] == "finished" and state.last_eval_step != state.step:
             evaluate_and_keep_best()
-        save_last(summary["stopped"])
+        if state.step != resumed_step:  # a finished run started again has nothing new to save
+            save_last(summary["stopped"])
         if summary["stopped"] != "finished":
             tracker.message(f"stopped by {summary['stopped']} at step {state.step}: saved {run_dir / 'checkpoints' / 'last'}; "
                             "run the same command again to resume")
