@@ -1,0 +1,104 @@
+"""The seismic full-waveform-inversion task ("gwi"): predict a 70 x 70 velocity map (m/s) from five
+shot gathers of 70 receivers. The Kaggle metric is the MAE in m/s over the odd columns
+(x = 1, 3, ..., 69), reported here as `mae_odd` next to the all-column `mae`.
+
+Batches are (seismic (B, 5, T, 70), velocity (B, 1, 70, 70)), both float32.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import nn
+
+from gwi.data import RAW_TIME_STEPS, GwiDataset, load_split
+from gwi.models import VELOCITY_MAX, VELOCITY_MIN, create_model, known_models
+from harness.task import Section, Task, register_task
+
+
+class GwiData(Section):
+    source: Literal["synthetic"] = Field(
+        "synthetic", description="synthetic: layered maps with surrogate seismic (gwi/synthetic.py)")
+    num_train: int = Field(256, ge=1, description="synthetic: training samples")
+    num_val: int = Field(64, ge=1, description="synthetic: validation samples")
+    time_steps: int = Field(RAW_TIME_STEPS, ge=8, le=RAW_TIME_STEPS,
+                            description="area-resize the 1000 time samples to this many; 1000 = no reduction")
+    normalize: Literal["log_minmax", "standardize"] = Field(
+        "log_minmax", description="log_minmax: OpenFWI's signed log scaled by fixed constants; standardize: per sample")
+    flip: bool = Field(
+        True, description="training only: mirror a sample (receivers, source order, map columns) with probability 1/2")
+    synth_seed: int = Field(0, ge=0, description="synthetic: seed of the generated data (train and val use different streams)")
+
+
+class GwiModel(Section):
+    name: str = Field("inversionnet", description="a name known to gwi.models.create_model")
+    width: float = Field(1.0, gt=0, description="channel multiplier; 1.0 = the published size")
+    head: Literal["sigmoid", "clamp"] = Field(
+        "sigmoid", description="sigmoid: 1500 + 3000 sigmoid(x); clamp: linear, clamped to [1500, 4500] in eval")
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if name not in known_models():
+            raise ValueError(f"unknown model {name!r}; known models: {', '.join(known_models())}")
+        return name
+
+
+class GwiLoss(Section):
+    name: Literal["l1", "l1_l2", "smooth_l1"] = Field("l1", description="on velocity scaled to [0, 1]: (v - 1500) / 3000")
+    l2_weight: float = Field(0.1, ge=0, description="l1_l2: weight of the squared error added to the L1")
+    smooth_l1_beta: float = Field(0.01, gt=0, description="smooth_l1: quadratic below this error (0.01 = 30 m/s)")
+
+
+def scaled_velocity(velocity: torch.Tensor) -> torch.Tensor:
+    """m/s -> [0, 1], so losses have sane magnitudes (an L1 of 0.01 is 30 m/s)."""
+    return (velocity.float() - VELOCITY_MIN) / (VELOCITY_MAX - VELOCITY_MIN)
+
+
+def per_sample_loss(predicted: torch.Tensor, target: torch.Tensor, loss: GwiLoss) -> torch.Tensor:
+    """(B, 1, 70, 70) velocities in m/s -> the configured loss of each sample, (B,)."""
+    predicted, target = scaled_velocity(predicted), scaled_velocity(target)
+    if loss.name == "smooth_l1":
+        elementwise = F.smooth_l1_loss(predicted, target, beta=loss.smooth_l1_beta, reduction="none")
+    else:
+        error = predicted - target
+        elementwise = error.abs()
+        if loss.name == "l1_l2":
+            elementwise = elementwise + loss.l2_weight * error.square()
+    return elementwise.flatten(1).mean(dim=1)
+
+
+@register_task("gwi")
+class GwiTask(Task):
+    sections = {"data": GwiData, "model": GwiModel, "loss": GwiLoss}
+
+    def build_datasets(self, cfg) -> tuple[GwiDataset, GwiDataset]:
+        self.cfg = cfg
+        train = GwiDataset(*load_split(cfg.data, "train"), flip=cfg.data.flip, seed=cfg.seed)
+        val = GwiDataset(*load_split(cfg.data, "val"))
+        return train, val
+
+    def build_model(self, cfg) -> nn.Module:
+        self.cfg = cfg
+        return create_model(cfg.model.name, width=cfg.model.width, head=cfg.model.head)
+
+    def loss(self, outputs: torch.Tensor, batch) -> torch.Tensor:
+        return per_sample_loss(outputs, batch[1], self._loss_config()).mean()
+
+    def metrics(self, outputs: torch.Tensor, batch) -> dict[str, torch.Tensor]:
+        velocity = batch[1]
+        error = (outputs.float() - velocity.float()).abs()
+        return {
+            "loss": per_sample_loss(outputs, velocity, self._loss_config()),
+            "mae": error.flatten(1).mean(dim=1),
+            "mae_odd": error[..., 1::2].flatten(1).mean(dim=1),  # the Kaggle metric
+        }
+
+    def _loss_config(self) -> GwiLoss:
+        # loss() and metrics() get no cfg: they read the run config the task was created with, or
+        # the one last given to build_datasets/build_model.
+        if self.cfg is None:
+            raise RuntimeError("GwiTask has no config: create it with get_task('gwi', cfg) or call build_model(cfg) first")
+        return self.cfg.loss
