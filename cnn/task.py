@@ -15,25 +15,25 @@ from harness.task import Section, Task, register_task
 
 
 class CnnData(Section):
-    source: Literal["synthetic"] = Field("synthetic", description="synthetic: generated class templates + noise")
-    num_train: int = Field(512, ge=1)
-    num_val: int = Field(256, ge=1)
-    num_classes: int = Field(10, ge=2)
-    channels: int = Field(3, ge=1)
-    image_size: int = Field(32, ge=8)
-    noise: float = Field(0.6, ge=0, description="synthetic: noise std around each class template")
-    synth_seed: int = 0
+    source: Literal["synthetic"] = Field("synthetic", description="synthetic: noisy gratings, one orientation per class")
+    num_train: int = Field(512, ge=1, description="synthetic: training images")
+    num_val: int = Field(256, ge=1, description="synthetic: validation images")
+    num_classes: int = Field(10, ge=2, description="synthetic: classes")
+    channels: int = Field(3, ge=1, description="synthetic: image channels")
+    image_size: int = Field(32, ge=8, description="synthetic: image height and width")
+    noise: float = Field(0.6, ge=0, description="synthetic: noise std added to each grating")
+    synth_seed: int = Field(0, description="synthetic: seed of the generated classes and images")
 
 
 class CnnModel(Section):
-    name: str = "smoke_cnn"
-    width: int = Field(16, ge=1)
-    norm: Literal["batch", "none"] = "batch"
-    dropout: float = Field(0.0, ge=0, lt=1)
+    name: str = Field("smoke_cnn", description="a name known to cnn.models.create_model")
+    width: int = Field(16, ge=1, description="channels of the first stage")
+    norm: Literal["batch", "none"] = Field("batch", description="normalisation after each conv")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier")
 
 
 class CnnLoss(Section):
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
 
 
 def synthetic_classes(n: int, dc: CnnData, split_seed: int) -> TensorDataset:

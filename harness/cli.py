@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from harness.config import DEFAULT_CONFIG, UserError, dotted_keys, load_config, read_yaml, schema_for
+from harness.config import DEFAULT_CONFIG, UserError, dotted_keys, load_config, read_yaml, schema_for, type_name
 from harness.loop import RunFailed
 
 def is_main_rank() -> bool:
@@ -23,9 +23,7 @@ def key_table(task_name: str) -> list[tuple[str, str, str, str]]:
     """(key, type, default, description) for every config key of a task."""
     rows = []
     for key, field in dotted_keys(schema_for(task_name)).items():
-        annotation = field.annotation
-        type_name = annotation.__name__ if isinstance(annotation, type) else repr(annotation).replace("typing.", "")
-        rows.append((key, type_name, repr(field.default), field.description or ""))
+        rows.append((key, type_name(field.annotation), repr(field.default), field.description or ""))
     return rows
 
 
@@ -34,8 +32,8 @@ def run_cli(argv: list[str], command, usage: str) -> int:
         if argv and argv[0] in ("-h", "--help"):
             task = read_yaml(argv[1] if len(argv) > 1 else DEFAULT_CONFIG).get("task", "gwi")
             print(usage.strip() + f"\n\nConfig keys for task {task!r} (key, type, default):")
-            for key, type_name, default, description in key_table(task):
-                print(f"  {key:32s} {type_name:28s} {default:14s} {description}")
+            for key, type_text, default, description in key_table(task):
+                print(f"  {key:30s} {type_text:30s} {default:14s} {description}")
             return 0
         config_path, overrides = split_args(argv)
         cfg = load_config(config_path, overrides)
@@ -51,3 +49,16 @@ def run_cli(argv: list[str], command, usage: str) -> int:
     if is_main_rank() and isinstance(summary, dict):
         print("done: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     return 0
+
+
+def markdown_key_table(task_name: str, sections: tuple[str, ...] | None = None) -> str:
+    """The README's table of config keys (`python -m harness.cli TASK [SECTION ...]` prints it)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, type_text, default, description in key_table(task_name):
+        if sections is None or key.split(".")[0] in sections:
+            lines.append(f"| `{key}` | {type_text} | `{default}` | {description} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_key_table(sys.argv[1] if len(sys.argv) > 1 else "gwi", tuple(sys.argv[2:]) or None))

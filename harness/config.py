@@ -9,7 +9,8 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from types import UnionType
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model
@@ -33,68 +34,68 @@ class Trainer(Section):
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer updates (overrides epochs)")
     batch_size: int = Field(32, ge=1, description="per process")
     eval_batch_size: Optional[int] = Field(None, ge=1, description="per process; default batch_size")
-    grad_accum_steps: int = Field(1, ge=1)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer update")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast dtype (fp16 uses a grad scaler; on CPU only bf16 acts)")
     grad_clip: Optional[float] = Field(None, gt=0, description="max global grad norm; null = no clipping")
     eval_every_epochs: int = Field(1, ge=0, description="0 = only by steps / at the end")
-    eval_every_steps: Optional[int] = Field(None, ge=1)
-    compile: bool = False
-    channels_last: bool = False
-    deterministic: bool = False
+    eval_every_steps: Optional[int] = Field(None, ge=1, description="also evaluate every N updates")
+    compile: bool = Field(False, description="torch.compile the model")
+    channels_last: bool = Field(False, description="channels_last memory format for model and 4-D inputs")
+    deterministic: bool = Field(False, description="deterministic algorithms: bit-identical reruns")
     max_minutes: Optional[float] = Field(None, gt=0, description="save `last` and stop after this wall time")
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="NaN/inf loss: stop the run, or skip the batch")
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     save_every_steps: Optional[int] = Field(None, ge=1, description="also write `last` every N updates")
 
 
 class Optim(Section):
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    name: Literal["adamw", "sgd"] = Field("adamw", description="sgd is SGD with (Nesterov) momentum")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="decoupled (adamw) or L2 (sgd)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw")
     momentum: float = Field(0.9, ge=0, description="sgd")
     nesterov: bool = Field(True, description="sgd")
     no_decay_bias_norm: bool = Field(True, description="no weight decay on biases and norm weights")
 
 
 class Sched(Section):
-    name: Literal["onecycle", "cosine", "constant", "plateau"] = "cosine"
+    name: Literal["onecycle", "cosine", "constant", "plateau"] = Field("cosine", description="stepped per optimizer update; plateau per evaluation")
     warmup_steps: int = Field(0, ge=0, description="cosine/constant: linear warm-up updates")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final lr / peak lr")
     pct_start: float = Field(0.25, gt=0, lt=1, description="onecycle: fraction of updates spent rising")
     div_factor: float = Field(25.0, gt=0, description="onecycle: initial lr = lr / div_factor")
     final_div_factor: float = Field(1e4, gt=0, description="onecycle: final lr = initial lr / final_div_factor")
-    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    plateau_factor: float = Field(0.5, gt=0, lt=1, description="plateau: lr multiplier on a plateau")
     plateau_patience: int = Field(2, ge=0, description="plateau: evaluations without improvement")
 
 
 class Ema(Section):
-    enabled: bool = False
-    decay: float = Field(0.999, gt=0, lt=1)
+    enabled: bool = Field(False, description="keep an EMA of the weights; it is evaluated as val/*, saved, and picks best")
+    decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per optimizer update")
     warmup: bool = Field(True, description="ramp the decay up early in training (timm ModelEmaV3)")
 
 
 class Checkpoint(Section):
     monitor: str = Field("val/loss", description="logged metric that chooses `best`")
-    mode: Literal["min", "max"] = "min"
+    mode: Literal["min", "max"] = Field("min", description="whether lower or higher monitor is better")
     keep_top_k: int = Field(1, ge=0, description="best checkpoints kept; 0 = none")
 
 
 class Log(Section):
-    wandb: Literal["online", "offline", "disabled"] = "offline"
-    project: str = "kagglerig"
-    entity: Optional[str] = None
+    wandb: Literal["online", "offline", "disabled"] = Field("offline", description="online falls back to offline without an API key")
+    project: str = Field("kagglerig", description="W&B project")
+    entity: Optional[str] = Field(None, description="W&B entity (user or team)")
     name: Optional[str] = Field(None, description="run name; default the output_dir's name")
-    group: Optional[str] = None
-    tags: list[str] = []
+    group: Optional[str] = Field(None, description="W&B group")
+    tags: list[str] = Field([], description="W&B tags")
     every_steps: int = Field(10, ge=1, description="train metrics are averaged and logged this often")
     progress: Literal["auto", "bar", "plain", "none"] = Field("auto", description="auto: bar on a terminal, lines otherwise")
 
 
 class BaseRunConfig(Section):
-    task: str = "gwi"
-    seed: int = 0
-    output_dir: str = "outputs/run"
+    task: str = Field("gwi", description="the task package: gwi, cnn")
+    seed: int = Field(0, description="seeds every RNG and the data order")
+    output_dir: str = Field("outputs/run", description="run directory: config.yaml, metrics.jsonl, checkpoints/, wandb/")
     resume: str = Field("auto", description="auto: continue from output_dir/checkpoints/last if present; never; or a checkpoint path")
     trainer: Trainer = Trainer()
     optim: Optim = Optim()
@@ -138,6 +139,13 @@ def _parse_value(raw: str) -> Any:
     return raw if value is None else value
 
 
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply `key=value` / `--key=value` strings to a nested config dict, in place."""
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    return tree
+
+
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node = tree
     parts = key.split(".")
@@ -166,10 +174,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> BaseRunConfig:
     """YAML file (default `configs/default.yaml`) + overrides -> validated config."""
-    tree = read_yaml(path or DEFAULT_CONFIG)
-    for text in overrides:
-        _set_dotted(tree, *parse_override(text))
-    return validate(tree)
+    return validate(apply_overrides(read_yaml(path or DEFAULT_CONFIG), overrides))
 
 
 def validate(tree: dict) -> BaseRunConfig:
@@ -208,15 +213,26 @@ def _explain(err: ValidationError, schema: type[BaseModel]) -> str:
             hint = f"; nearest valid keys: {', '.join(near)}" if near else ""
             lines.append(f"unknown key {key!r}{hint}")
             continue
+        if problem["type"] == "value_error":  # a validator's own message already says what is wrong
+            lines.append(f"key {key!r}: {problem['msg'].removeprefix('Value error, ')}")
+            continue
         field = valid.get(key) or valid.get(key.rsplit(".", 1)[0])
-        expected = _type_name(field.annotation) if field is not None else problem["type"]
+        expected = type_name(field.annotation) if field is not None else problem["type"]
         lines.append(f"key {key!r}: expected {expected}, got {problem.get('input')!r} ({problem['msg']})")
     return "config error: " + "\n  ".join(lines)
 
 
-def _type_name(annotation: Any) -> str:
-    text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
-    return text.replace("typing.", "")
+def type_name(annotation: Any) -> str:
+    """A short human name for a field's type: `int`, `int or null`, `one of no/fp16/bf16`."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "one of " + "/".join(str(a) for a in args)
+    if origin in (Union, UnionType):
+        names = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def to_plain_dict(cfg: BaseModel) -> dict:

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 
 from harness.checkpoint import Checkpointer
 from harness.config import BaseRunConfig, ConfigError, save_yaml
-from harness.optim import build_optimizer, build_scheduler, build_ema
+from harness.optim import build_ema, build_optimizer, build_scheduler
+from harness.plots import plot_metrics
 from harness.task import get_task
 from harness.tracking import Tracker, start_wandb
 
@@ -66,6 +67,8 @@ def train(cfg: BaseRunConfig) -> dict:
         step_scheduler_with_optimizer=False,  # we step it ourselves, once per real optimizer update
     )
     set_seed(cfg.seed, deterministic=tc.deterministic)
+    if tc.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        accelerator.print("note: fp16 autocast has no effect on CPU; use trainer.mixed_precision=bf16 there")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
@@ -247,6 +250,8 @@ def train(cfg: BaseRunConfig) -> dict:
         tracker.close()
 
     summary["step"] = state.step
+    if accelerator.is_main_process:
+        plot_metrics(run_dir)
     if "best" in summary:
         tracker.summary({f"best/{k}": v for k, v in summary["best"].items()})
     accelerator.end_training()

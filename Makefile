@@ -1,0 +1,33 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Both create .venv and install the
+# project first (once; again when pyproject.toml changes).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+# torch first and exactly, so pip takes the 2.14.1 build rather than resolving a newer one.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test test-all bench clean
+
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(INSTALLED)
+
+setup: $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(BIN)/python train.py
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest -q
+
+test-all: $(INSTALLED)
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+bench: $(INSTALLED)
+	$(BIN)/python bench/loop_overhead.py
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,72 @@
+"""Models from checkpoints, averaged into one ensemble, and evaluated on a task's validation data.
+
+Each checkpoint carries its resolved config in meta.json, so a model is rebuilt exactly as trained,
+whatever config files say today. Tasks add their own outputs (e.g. the Kaggle CSV) on top of this.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from harness import checkpoint as ckpt
+from harness.config import BaseRunConfig, ConfigError, apply_overrides, validate
+from harness.loop import evaluate
+from harness.task import Task, get_task
+
+
+class Ensemble(nn.Module):
+    """The mean of its members' outputs (one member: that member)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, *args, **kwargs):
+        outputs = [member(*args, **kwargs) for member in self.members]
+        return torch.stack([o.float() for o in outputs]).mean(0) if len(outputs) > 1 else outputs[0]
+
+
+def checkpoint_config(path: str | os.PathLike, overrides: list[str] = ()) -> BaseRunConfig:
+    return validate(apply_overrides(ckpt.read_meta(ckpt.resolve(path))["config"], overrides))
+
+
+def load_ensemble(paths: list[str], overrides: list[str] = ()) -> tuple[Task, BaseRunConfig, Ensemble]:
+    """(task, config of the first checkpoint, ensemble of every checkpoint's inference weights)."""
+    if not paths:
+        raise ConfigError("give at least one --checkpoint")
+    members, configs = [], []
+    for path in paths:
+        try:
+            cfg = checkpoint_config(path, overrides)
+        except FileNotFoundError as err:
+            raise ConfigError(f"--checkpoint {path}: {err}") from None
+        task = get_task(cfg.task, cfg)
+        model = task.build_model(cfg)
+        ckpt.load_weights(model, path)
+        members.append(model.eval())
+        configs.append(cfg)
+    tasks = {cfg.task for cfg in configs}
+    if len(tasks) > 1:
+        raise ConfigError(f"--checkpoint: these checkpoints belong to different tasks ({', '.join(sorted(tasks))})")
+    return get_task(configs[0].task, configs[0]), configs[0], Ensemble(members)
+
+
+def evaluate_checkpoints(paths: list[str], overrides: list[str] = (), batch_size: int | None = None) -> dict:
+    """Metrics of the ensemble on the validation split of the first checkpoint's config."""
+    task, cfg, model = load_ensemble(paths, overrides)
+    accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision)
+    _, val_set = task.build_datasets(cfg)
+    loader = DataLoader(val_set, batch_size=batch_size or cfg.trainer.eval_batch_size or cfg.trainer.batch_size,
+                        collate_fn=getattr(task, "collate_fn", None))
+    model, loader = accelerator.prepare(model, loader)
+    metrics = evaluate(accelerator, task, model, loader)
+    return {"checkpoints": [str(ckpt.resolve(p)) for p in paths], **{f"val/{k}": v for k, v in metrics.items()}}
+
+
+def print_json(values: dict) -> None:
+    print(json.dumps(values, indent=1))
