@@ -163,5 +163,10 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         return keep
 
+    def best(self) -> dict | None:
+        """The meta of the best checkpoint kept, if any."""
+        ranked = best_dirs(self.dir)
+        return read_meta(ranked[0]) if ranked else None
+
     def resume_dir(self) -> Path | None:
         return readable(self.dir / "last")

@@ -89,6 +89,7 @@ class Log(Section):
     group: Optional[str] = Field(None, description="W&B group")
     tags: list[str] = Field([], description="W&B tags")
     every_steps: int = Field(10, ge=1, description="train metrics are averaged and logged this often")
+    plot: bool = Field(True, description="draw metrics.png (learning curves) at the end of the run")
     progress: Literal["auto", "bar", "plain", "none"] = Field("auto", description="auto: bar on a terminal, lines otherwise")
 
 

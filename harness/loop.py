@@ -6,6 +6,7 @@ exits (end, SIGTERM/SIGINT, time budget, NaN).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -13,6 +14,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import accelerate.optimizer
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -24,6 +26,11 @@ from harness.optim import build_ema, build_optimizer, build_scheduler
 from harness.plots import plot_metrics
 from harness.task import get_task
 from harness.tracking import Tracker, start_wandb
+
+
+# Accelerate's optimizer wrapper asks importlib whether `lomo_optim` is installed twice per step (0.3 ms
+# on a CPU, several % of a small model's step); the answer cannot change within a process.
+accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
 
 
 class TrainState:
@@ -151,8 +158,7 @@ def train(cfg: BaseRunConfig) -> dict:
         if cfg.sched.name == "plateau":
             scheduler.step(values[monitor])
         meta = dict(step=state.step, epoch=state.epoch, task=cfg.task, metrics=values, config=cfg.model_dump(mode="json"))
-        if checkpointer.save_best(weights_for_inference, values[monitor], meta):
-            summary["best"] = {"step": state.step, monitor: values[monitor]}
+        checkpointer.save_best(weights_for_inference, values[monitor], meta)
         tracker.log(values, state.step, epoch_progress())
         tracker.message(f"eval step {state.step}: " + " ".join(f"{k} {v:.5g}" for k, v in values.items()))
         return values
@@ -205,6 +211,7 @@ def train(cfg: BaseRunConfig) -> dict:
                     continue
 
                 # ---- one optimizer update is done ----
+                window["lr"] = optimizer.param_groups[0]["lr"]  # the rate this update used
                 if not optimizer.step_was_skipped and cfg.sched.name != "plateau":
                     scheduler.step()
                 state.step += 1
@@ -212,11 +219,12 @@ def train(cfg: BaseRunConfig) -> dict:
                     ema.update(raw_model, step=state.step)
                 window["updates"] += 1
                 if state.step % cfg.log.every_steps == 0 or state.step == total_steps:
-                    tracker.log(summarize_window(window, optimizer, time.perf_counter() - window_start), state.step, epoch_progress())
-                    shown = {"loss": window["loss"] / max(window["batches"] - window["skipped_batches"], 1)}
+                    values = summarize_window(window, time.perf_counter() - window_start)
+                    tracker.log(values, state.step, epoch_progress())
+                    tracker.advance(state.step, {"loss": values["train/loss"], "lr": values["train/lr"],
+                                                 "samples/s": round(values["train/samples_per_s"])})
                     window.clear()
                     window_start = time.perf_counter()
-                    tracker.advance(state.step, {k: float(v) for k, v in shown.items()} | {"lr": optimizer.param_groups[0]["lr"]})
                 else:
                     tracker.advance(state.step, {})
                 if tc.eval_every_steps and state.step % tc.eval_every_steps == 0:
@@ -250,10 +258,12 @@ def train(cfg: BaseRunConfig) -> dict:
         tracker.close()
 
     summary["step"] = state.step
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and cfg.log.plot:
         plot_metrics(run_dir)
-    if "best" in summary:
-        tracker.summary({f"best/{k}": v for k, v in summary["best"].items()})
+    best = checkpointer.best() if accelerator.is_main_process else None
+    if best is not None:
+        summary["best"] = {"step": best["step"], best["monitor"]: best["monitor_value"]}
+        tracker.summary({f"best/{best['monitor']}": best["monitor_value"], "best/step": best["step"]})
     accelerator.end_training()
     return summary
 
@@ -266,11 +276,12 @@ def any_process(accelerator, *flags: bool) -> list[bool]:
     return [bool(v) for v in accelerator.reduce(tensor, reduction="sum").tolist()]
 
 
-def summarize_window(window: dict, optimizer, seconds: float) -> dict:
+def summarize_window(window: dict, seconds: float) -> dict:
+    """The train values logged every log.every_steps updates, averaged over that window."""
     done = max(window["batches"] - window["skipped_batches"], 1)
     values = {
         "train/loss": float(window["loss"]) / done,
-        "train/lr": optimizer.param_groups[0]["lr"],
+        "train/lr": window["lr"],
         "train/samples_per_s": window["samples"] / max(seconds, 1e-9),
     }
     if "grad_norm" in window:

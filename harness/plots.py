@@ -39,7 +39,7 @@ def plot_metrics(run_dir: str | Path) -> Path:
         if name == "loss" and all(v > 0 for key in panels[name] for v in series[key][1]):
             ax.set_yscale("log")
     fig.suptitle(run_dir.name)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.16, top=0.82, wspace=0.25)  # tight_layout costs 0.2 s
     out = run_dir / "metrics.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)

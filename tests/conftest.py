@@ -40,8 +40,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def wandb_history(run_dir: Path) -> list[dict]:
-    """The history rows of the W&B offline run in `run_dir`, decoded from its .wandb transaction log
+def wandb_log(run_dir: Path) -> tuple[list[dict], dict]:
+    """(history rows, summary) of the W&B offline run in `run_dir`, decoded from its .wandb transaction log
     with wandb's own protobuf schema (a LevelDB-style log: 7-byte file header, 32 KiB blocks, records
     with a 7-byte header of crc32, length and type; FULL=1, FIRST=2, MIDDLE=3, LAST=4)."""
     from wandb.proto import wandb_internal_pb2
@@ -49,7 +49,7 @@ def wandb_history(run_dir: Path) -> list[dict]:
     (log_path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
     data = log_path.read_bytes()
     assert data[:4] == b":W&B", f"{log_path} is not a W&B transaction log"
-    block, pos, pending, rows = 32768, 7, b"", []
+    block, pos, pending, rows, summary = 32768, 7, b"", [], {}
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # the tail of a block too short for a header is padding
             pos += block - pos % block
@@ -63,9 +63,12 @@ def wandb_history(run_dir: Path) -> list[dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             pending = b""
-            if record.WhichOneof("record_type") == "history":
+            kind_name = record.WhichOneof("record_type")
+            if kind_name == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
-    return rows
+            elif kind_name == "summary":
+                summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.summary.update})
+    return rows, summary
 
 
 @pytest.fixture

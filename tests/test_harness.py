@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, SMOKE_CNN, accelerate_launch, clean_env, read_metrics, run_entry, wandb_history
+from conftest import ROOT, SMOKE_CNN, accelerate_launch, clean_env, read_metrics, run_entry, wandb_log
 from harness import checkpoint as ckpt
 from harness.config import load_config
 from harness.loop import train
@@ -38,12 +38,13 @@ def test_writes_run_directory_and_wandb_offline_log(tmp_path):
     evals = [row for row in rows if "val/acc" in row]
     assert len(evals) == 3 and evals[-1]["val/acc"] > 0.7  # 3 epochs, one evaluation each; it learned
     assert {"train/loss", "train/lr", "train/samples_per_s"} <= rows[0].keys()
-    history = wandb_history(tmp_path)
+    history, summary = wandb_log(tmp_path)
     logged = [row["val/acc"] for row in history if "val/acc" in row]
     assert logged == pytest.approx([row["val/acc"] for row in evals])
     assert [r["train/loss"] for r in history if "train/loss" in r] == pytest.approx([r["train/loss"] for r in rows if "train/loss" in r])
     best = ckpt.resolve(tmp_path)
     assert best.name == "best" and ckpt.read_meta(best)["monitor_value"] == max(row["val/acc"] for row in evals)
+    assert summary["best/val/acc"] == pytest.approx(max(row["val/acc"] for row in evals))
     assert ckpt.readable(tmp_path / "checkpoints" / "last")
 
 
