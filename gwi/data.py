@@ -1,97 +1,93 @@
-"""Data for the gwi task: where the samples come from (`data.source`; only "synthetic" so far), how
-seismic is prepared for the model (time reduction, then normalisation), and the dataset that serves
-(seismic, velocity) pairs with the training-only mirror augmentation.
+"""Data for the gwi task: where samples come from (`data.source`), the datasets that serve them, and
+the seismic preparation every model input goes through.
 
-Every source must go through `prepare_seismic`, test data included, so the model always sees the
-same transform it was trained on. Preparation is numpy in, numpy out, as file readers produce.
+Datasets serve *raw* seismic, in the dtype it has on disk (float16 files stay float16 through the
+DataLoader: half the bytes), with the training-only mirror augmentation. Preparation (time-axis
+reduction, then normalisation) happens on the device, inside the model (`SeismicInput`), so
+DataLoader workers only read memory maps, test data gets exactly the training transform, and a
+checkpoint carries its own preprocessing.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import Dataset
 
 from gwi import synthetic
+from gwi.layout import FilePair, find_pairs, split_pairs
+from harness.config import UserError
 
 RAW_TIME_STEPS = 1000  # samples per trace in OpenFWI (1 s at 1 ms)
 
-# OpenFWI's FlatVel-A amplitude range (its dataset_config.json). The synthetic surrogate is scaled
-# to about the same range, so "log_minmax" maps both to roughly [-1, 1].
+# OpenFWI's FlatVel-A amplitude range (its dataset_config.json): "log_minmax" maps it to [-1, 1].
 OPENFWI_DATA_MIN, OPENFWI_DATA_MAX = -26.95, 52.77
 
-# Samples generated at once: bounds the surrogate's working memory (under 100 MB).
+# Samples generated at once: bounds the surrogate's working memory (about 25 MB per source).
 _SYNTHETIC_CHUNK = 32
 
 
-def reduce_time(seismic: np.ndarray, time_steps: int) -> np.ndarray:
+# ---- preparation (on the device) ---------------------------------------------------------------------
+
+
+def reduce_time(seismic: torch.Tensor, time_steps: int) -> torch.Tensor:
     """Resize the time axis of (N, S, T, R) seismic to `time_steps` rows by area averaging (an
-    anti-aliased decimation, torch's "area" mode); unchanged when it already has that many."""
+    anti-aliased decimation); unchanged when it already has that many."""
     if seismic.shape[2] == time_steps:
         return seismic
-    resized = F.interpolate(torch.from_numpy(seismic), size=(time_steps, seismic.shape[3]), mode="area")
-    return resized.numpy()
+    return F.interpolate(seismic, size=(time_steps, seismic.shape[3]), mode="area")
 
 
 def signed_log(x):
     """sign(x) log(1 + |x|): OpenFWI's log transform, which compresses the strong direct wave
-    relative to the weak reflections while keeping the sign."""
-    return np.copysign(np.log1p(np.abs(x)), x)
+    relative to the weak reflections while keeping the sign. Works on tensors and floats."""
+    if isinstance(x, torch.Tensor):
+        return torch.sign(x) * torch.log1p(x.abs())
+    return math.copysign(math.log1p(abs(x)), x)
 
 
-def normalize_seismic(seismic: np.ndarray, method: str) -> np.ndarray:
-    """(N, ...) float32 seismic -> normalised float32 copy. "log_minmax": signed log, then OpenFWI's
-    fixed amplitude range mapped to [-1, 1]; "standardize": zero mean, unit variance per sample."""
-    # numpy, in place on the copy: torch's element-wise ops measured several times slower on 2-core CPUs.
+def normalize_seismic(seismic: torch.Tensor, method: str) -> torch.Tensor:
+    """"log_minmax": signed log, then OpenFWI's fixed amplitude range mapped to [-1, 1];
+    "standardize": zero mean, unit variance per sample."""
     if method == "log_minmax":
         low, high = signed_log(OPENFWI_DATA_MIN), signed_log(OPENFWI_DATA_MAX)
-        normalized = signed_log(seismic)
-        normalized -= low
-        normalized *= 2 / (high - low)
-        normalized -= 1
-        return normalized
+        return (signed_log(seismic) - low) * (2 / (high - low)) - 1
     if method == "standardize":
         axes = tuple(range(1, seismic.ndim))
-        normalized = seismic - seismic.mean(axis=axes, keepdims=True)
-        normalized /= normalized.std(axis=axes, keepdims=True) + 1e-6
-        return normalized
+        centred = seismic - seismic.mean(dim=axes, keepdim=True)
+        return centred / (centred.std(dim=axes, keepdim=True) + 1e-6)
     raise ValueError(f"unknown seismic normalisation {method!r}; known: log_minmax, standardize")
 
 
-def prepare_seismic(raw: np.ndarray, time_steps: int, normalize: str) -> np.ndarray:
-    """Raw seismic (N, 5, 1000, 70) -> float32 model input (N, 5, time_steps, 70)."""
-    seismic = np.ascontiguousarray(raw, dtype=np.float32)
-    return normalize_seismic(reduce_time(seismic, time_steps), normalize).astype(np.float32, copy=False)
+class SeismicInput(nn.Module):
+    """Raw seismic (B, 5, T, 70), float16 or float32 -> the model's float32 input (B, 5, time_steps, 70)."""
+
+    def __init__(self, time_steps: int, normalize: str):
+        super().__init__()
+        self.time_steps, self.normalize = time_steps, normalize
+
+    def forward(self, seismic: torch.Tensor) -> torch.Tensor:
+        return normalize_seismic(reduce_time(seismic.float(), self.time_steps), self.normalize)
+
+    def extra_repr(self) -> str:
+        return f"time_steps={self.time_steps}, normalize={self.normalize!r}"
 
 
-def synthetic_samples(num: int, seed: list[int], time_steps: int, normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`num` layered velocity maps and their prepared surrogate seismic, from `seed`:
-    (seismic (num, 5, time_steps, 70), velocity (num, 1, 70, 70)), both float32."""
-    rng = np.random.default_rng(seed)
-    velocity = synthetic.layered_velocity(num, rng)
-    seismic = np.empty((num, len(synthetic.SOURCE_X), time_steps, synthetic.GRID_SIZE), dtype=np.float32)
-    for start in range(0, num, _SYNTHETIC_CHUNK):
-        chunk = slice(start, start + _SYNTHETIC_CHUNK)
-        raw = synthetic.reflection_seismic(velocity[chunk], nt=RAW_TIME_STEPS)
-        seismic[chunk] = prepare_seismic(raw, time_steps, normalize)
-    return torch.from_numpy(seismic), torch.from_numpy(velocity)
+# ---- augmentation ----------------------------------------------------------------------------------
 
 
-def load_split(data, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(seismic, velocity) of a split ("train" or "val") as `data` (a GwiData section) describes."""
-    if data.source == "synthetic":
-        # Different seeds per split, so validation maps are never training maps.
-        split_id = {"train": 0, "val": 1}[split]
-        num = data.num_train if split == "train" else data.num_val
-        return synthetic_samples(num, [data.synth_seed, split_id], data.time_steps, data.normalize)
-    raise ValueError(f"unknown gwi data source {data.source!r}; known: synthetic")
-
-
-def mirror(seismic: torch.Tensor, velocity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mirror(seismic, velocity):
     """Mirror one sample left-right: the velocity map's columns, the receivers, and the source
     order. Source i's mirror is source 4 - i: exactly for the outer four (0 <-> 69, 17 <-> 52);
-    the middle source at x = 34 mirrors to x = 35, one cell off, as in OpenFWI's geometry."""
-    return seismic.flip(dims=(0, 2)), velocity.flip(dims=(2,))
+    the middle source at x = 34 mirrors to x = 35, one cell off, as in OpenFWI's geometry.
+    Works on (5, T, 70) / (1, 70, 70) tensors or arrays."""
+    if isinstance(seismic, torch.Tensor):
+        return seismic.flip(dims=(0, 2)), velocity.flip(dims=(2,))
+    return seismic[::-1, :, ::-1], velocity[:, :, ::-1]
 
 
 def flip_decision(seed: int, epoch: int, index: int) -> bool:
@@ -100,24 +96,105 @@ def flip_decision(seed: int, epoch: int, index: int) -> bool:
     return bool(np.random.default_rng([seed % 2**64, epoch, index]).random() < 0.5)
 
 
-class GwiDataset(Dataset):
-    """(seismic, velocity) pairs held in memory. With `flip`, each sample is mirrored or not
-    according to `flip_decision(seed, epoch, index)`; the loop sets the epoch via `set_epoch`."""
+# ---- sources ---------------------------------------------------------------------------------------
 
-    def __init__(self, seismic: torch.Tensor, velocity: torch.Tensor, flip: bool = False, seed: int = 0):
-        if len(seismic) != len(velocity):
-            raise ValueError(f"{len(seismic)} seismic samples but {len(velocity)} velocity maps")
-        self.seismic, self.velocity = seismic, velocity
+
+@dataclass(frozen=True)
+class ArrayPair:
+    """Samples held in memory (generated data), with the same interface as a `FilePair`."""
+
+    family: str
+    seismic_array: np.ndarray
+    velocity_array: np.ndarray
+
+    @property
+    def samples(self) -> int:
+        return len(self.seismic_array)
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}/in-memory"
+
+    def open(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.seismic_array, self.velocity_array
+
+
+class SeismicPairs(Dataset):
+    """(seismic, velocity, family index) samples over pairs of arrays: memory maps of files, opened
+    lazily in each process (so DataLoader workers each map the files themselves and RAM stays
+    bounded whatever the data size), or in-memory arrays. Seismic keeps its stored dtype; velocity
+    is float32. With `flip`, a sample is mirrored according to `flip_decision(seed, epoch, index)`."""
+
+    def __init__(self, pairs: list, families: list[str], flip: bool = False, seed: int = 0):
+        if not pairs:
+            raise UserError("no samples: the data selection is empty")
+        self.pairs, self.families = pairs, families
+        self.offsets = np.cumsum([0] + [p.samples for p in pairs])
+        self.family_index = [families.index(p.family) for p in pairs]
         self.flip, self.seed, self.epoch = flip, seed, 0
+        self._opened: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __getstate__(self):  # memory maps are re-opened in each worker, never pickled
+        return {**vars(self), "_opened": {}}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.seismic)
+        return int(self.offsets[-1])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        seismic, velocity = self.seismic[index], self.velocity[index]
+    def locate(self, index: int) -> tuple[int, int]:
+        """(pair number, row inside that pair) of a global sample index."""
+        pair = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return pair, index - int(self.offsets[pair])
+
+    def __getitem__(self, index: int):
+        pair, row = self.locate(index)
+        if pair not in self._opened:
+            self._opened[pair] = self.pairs[pair].open()
+        seismic_array, velocity_array = self._opened[pair]
+        seismic, velocity = np.array(seismic_array[row]), np.array(velocity_array[row], dtype=np.float32)  # reads the row
+        for what, array in (("seismic", seismic), ("velocity", velocity)):
+            if not np.isfinite(array).all():
+                source = getattr(self.pairs[pair], what, self.pairs[pair].name)
+                raise UserError(f"{source}: sample {row} contains NaN or inf values")
         if self.flip and flip_decision(self.seed, self.epoch, index):
             seismic, velocity = mirror(seismic, velocity)
-        return seismic, velocity
+        return (torch.from_numpy(np.ascontiguousarray(seismic)), torch.from_numpy(np.ascontiguousarray(velocity)),
+                self.family_index[pair])
+
+
+def synthetic_samples(num: int, seed: list[int], time_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """`num` layered velocity maps and their raw surrogate seismic, time-reduced to `time_steps`
+    (area averaging is linear, so reducing here or on the device gives the same input):
+    (seismic (num, 5, time_steps, 70), velocity (num, 1, 70, 70)), both float32."""
+    rng = np.random.default_rng(seed)
+    velocity = synthetic.layered_velocity(num, rng)
+    seismic = np.empty((num, len(synthetic.SOURCE_X), time_steps, synthetic.GRID_SIZE), dtype=np.float32)
+    for start in range(0, num, _SYNTHETIC_CHUNK):
+        chunk = slice(start, start + _SYNTHETIC_CHUNK)
+        raw = torch.from_numpy(synthetic.reflection_seismic(velocity[chunk], nt=RAW_TIME_STEPS))
+        seismic[chunk] = reduce_time(raw, time_steps).numpy()
+    return seismic, velocity
+
+
+def build_datasets(data, seed: int) -> tuple[SeismicPairs, SeismicPairs]:
+    """(train, val) as `data` (a GwiData section) describes; `seed` drives the flip augmentation."""
+    if data.source == "synthetic":
+        # Different seeds per split, so validation maps are never training maps.
+        train = [ArrayPair("synthetic", *synthetic_samples(data.num_train, [data.synth_seed, 0], data.time_steps))]
+        val = [ArrayPair("synthetic", *synthetic_samples(data.num_val, [data.synth_seed, 1], data.time_steps))]
+    elif data.source == "files":
+        if not data.roots:
+            raise UserError("key 'data.roots': data.source=files needs at least one folder of training data")
+        if data.val_roots:
+            train, val = find_pairs(data.roots), find_pairs(data.val_roots)
+        else:
+            train, val = split_pairs(find_pairs(data.roots), data.folds, data.fold, data.split_seed)
+            if not val:
+                raise UserError(f"key 'data.folds': no family under {', '.join(data.roots)} has two files, so nothing "
+                                "is left to validate on; add files or set data.val_roots")
+    else:
+        raise ValueError(f"unknown gwi data source {data.source!r}; known: synthetic, files")
+    families = sorted({p.family for p in train + val})
+    return SeismicPairs(train, families, flip=data.flip, seed=seed), SeismicPairs(val, families)

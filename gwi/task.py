@@ -13,22 +13,26 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from gwi.data import RAW_TIME_STEPS, GwiDataset, load_split
+from gwi.data import RAW_TIME_STEPS, SeismicInput, SeismicPairs, build_datasets
 from gwi.models import VELOCITY_MAX, VELOCITY_MIN, create_model, known_models
 from harness.task import Section, Task, register_task
 
 
 class GwiData(Section):
-    source: Literal["synthetic"] = Field(
-        "synthetic", description="synthetic: layered maps with surrogate seismic (gwi/synthetic.py)")
+    source: Literal["synthetic", "files"] = Field(
+        "synthetic", description="synthetic: generated layered maps (gwi/synthetic.py); files: OpenFWI/Kaggle .npy pairs under data.roots")
+    roots: list[str] = Field([], description="files: folders of family folders (Kaggle train_samples/, OpenFWI, converted copies)")
+    val_roots: list[str] = Field([], description="files: validate on these folders instead of a fold of data.roots")
+    folds: int = Field(5, ge=2, description="files: file-level folds, stratified by family")
+    fold: int = Field(0, ge=0, description="files: the fold that validates")
+    split_seed: int = Field(0, description="files: seed of the fold assignment")
     num_train: int = Field(256, ge=1, description="synthetic: training samples")
     num_val: int = Field(64, ge=1, description="synthetic: validation samples")
     time_steps: int = Field(RAW_TIME_STEPS, ge=8, le=RAW_TIME_STEPS,
                             description="area-resize the 1000 time samples to this many; 1000 = no reduction")
     normalize: Literal["log_minmax", "standardize"] = Field(
         "log_minmax", description="log_minmax: OpenFWI's signed log scaled by fixed constants; standardize: per sample")
-    flip: bool = Field(
-        True, description="training only: mirror a sample (receivers, source order, map columns) with probability 1/2")
+    flip: bool = Field(True, description="training only: mirror a sample (receivers, source order, map columns) with probability 1/2")
     synth_seed: int = Field(0, ge=0, description="synthetic: seed of the generated data (train and val use different streams)")
 
 
@@ -70,35 +74,55 @@ def per_sample_loss(predicted: torch.Tensor, target: torch.Tensor, loss: GwiLoss
     return elementwise.flatten(1).mean(dim=1)
 
 
+class GwiNet(nn.Module):
+    """The seismic preparation (`SeismicInput`) followed by the network: checkpoints carry their
+    preprocessing, and raw float16 batches go straight to the device."""
+
+    def __init__(self, prepare: SeismicInput, net: nn.Module):
+        super().__init__()
+        self.prepare, self.net = prepare, net
+
+    def forward(self, seismic: torch.Tensor) -> torch.Tensor:
+        return self.net(self.prepare(seismic))
+
+
 @register_task("gwi")
 class GwiTask(Task):
-    sections = {"data": GwiData, "model": GwiModel, "loss": GwiLoss}
+    """Batches are (seismic (B, 5, T, 70) float16/32, velocity (B, 1, 70, 70) float32, family index (B,))."""
 
-    def build_datasets(self, cfg) -> tuple[GwiDataset, GwiDataset]:
-        self.cfg = cfg
-        train = GwiDataset(*load_split(cfg.data, "train"), flip=cfg.data.flip, seed=cfg.seed)
-        val = GwiDataset(*load_split(cfg.data, "val"))
+    sections = {"data": GwiData, "model": GwiModel, "loss": GwiLoss}
+    families: list[str] = []
+    tta: str = "none"  # "flip": predictions average the sample and its mirror image (see predict)
+
+    def build_datasets(self, cfg) -> tuple[SeismicPairs, SeismicPairs]:
+        train, val = build_datasets(cfg.data, cfg.seed)
+        self.families = val.families
         return train, val
 
     def build_model(self, cfg) -> nn.Module:
-        self.cfg = cfg
-        return create_model(cfg.model.name, width=cfg.model.width, head=cfg.model.head)
+        net = create_model(cfg.model.name, width=cfg.model.width, head=cfg.model.head)
+        return GwiNet(SeismicInput(cfg.data.time_steps, cfg.data.normalize), net)
 
     def loss(self, outputs: torch.Tensor, batch) -> torch.Tensor:
-        return per_sample_loss(outputs, batch[1], self._loss_config()).mean()
+        return per_sample_loss(outputs, batch[1], self.cfg.loss).mean()
 
     def metrics(self, outputs: torch.Tensor, batch) -> dict[str, torch.Tensor]:
         velocity = batch[1]
         error = (outputs.float() - velocity.float()).abs()
-        return {
-            "loss": per_sample_loss(outputs, velocity, self._loss_config()),
+        values = {
+            "loss": per_sample_loss(outputs, velocity, self.cfg.loss),
             "mae": error.flatten(1).mean(dim=1),
             "mae_odd": error[..., 1::2].flatten(1).mean(dim=1),  # the Kaggle metric
         }
+        if len(self.families) > 1:  # NaN marks "not this family"; the loop averages the rest
+            family = torch.as_tensor(batch[2], device=error.device)
+            for index, name in enumerate(self.families):
+                values[f"mae_{name}"] = torch.where(family == index, values["mae"], torch.nan)
+        return values
 
-    def _loss_config(self) -> GwiLoss:
-        # loss() and metrics() get no cfg: they read the run config the task was created with, or
-        # the one last given to build_datasets/build_model.
-        if self.cfg is None:
-            raise RuntimeError("GwiTask has no config: create it with get_task('gwi', cfg) or call build_model(cfg) first")
-        return self.cfg.loss
+    def predict(self, model: nn.Module, batch) -> torch.Tensor:
+        seismic = batch[0]
+        velocity = model(seismic).float()
+        if self.tta == "flip":  # the mirrored sample's prediction, mirrored back
+            velocity = (velocity + model(seismic.flip(dims=(1, 3))).float().flip(dims=(3,))) / 2
+        return velocity

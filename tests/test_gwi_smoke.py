@@ -10,7 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from gwi.data import GwiDataset, flip_decision, mirror, prepare_seismic, synthetic_samples
+from gwi.data import ArrayPair, SeismicInput, SeismicPairs, flip_decision, mirror, reduce_time, synthetic_samples
 from gwi.models import create_model
 from gwi.synthetic import SOURCE_X, layered_velocity, reflection_seismic
 from gwi.task import GwiData, GwiLoss, GwiModel, GwiTask
@@ -94,12 +94,13 @@ def test_create_model_unknown_name():
 
 
 def test_flip_augmentation_is_deterministic_and_mirrors():
-    seismic, velocity = synthetic_samples(8, [0, 0], time_steps=32, normalize="log_minmax")
-    first, second = GwiDataset(seismic, velocity, flip=True, seed=7), GwiDataset(seismic, velocity, flip=True, seed=7)
+    seismic, velocity = synthetic_samples(8, [0, 0], time_steps=32)
+    pairs = [ArrayPair("synthetic", seismic, velocity)]
+    first, second = SeismicPairs(pairs, ["synthetic"], flip=True, seed=7), SeismicPairs(pairs, ["synthetic"], flip=True, seed=7)
     first.set_epoch(3)
     second.set_epoch(3)
     for index in range(8):
-        for a, b in zip(first[index], second[index]):
+        for a, b in zip(first[index][:2], second[index][:2]):
             assert torch.equal(a, b)
 
     decisions = {(epoch, index): flip_decision(7, epoch, index) for epoch in range(4) for index in range(8)}
@@ -107,15 +108,16 @@ def test_flip_augmentation_is_deterministic_and_mirrors():
     assert 0 < sum(decisions.values()) < len(decisions)
     assert [decisions[0, i] for i in range(8)] != [decisions[1, i] for i in range(8)]  # varies by epoch
 
+    seismic, velocity = torch.from_numpy(seismic), torch.from_numpy(velocity)
     (epoch, index), flipped = next((key, value) for key, value in decisions.items() if value)
     first.set_epoch(epoch)
-    seismic_out, velocity_out = first[index]
+    seismic_out, velocity_out, family = first[index]
     assert torch.equal(seismic_out, seismic[index].flip(0).flip(-1))  # sources reversed, receivers reversed
-    assert torch.equal(velocity_out, velocity[index].flip(-1))
+    assert torch.equal(velocity_out, velocity[index].flip(-1)) and family == 0
     assert torch.equal(seismic_out[4, :, 0], seismic[index][0, :, 69])  # source 0's receiver 69 -> source 4's receiver 0
     assert torch.equal(mirror(*mirror(seismic[index], velocity[index]))[0], seismic[index])
 
-    unflipped = GwiDataset(seismic, velocity, flip=False)
+    unflipped = SeismicPairs(pairs, ["synthetic"], flip=False)
     unflipped.set_epoch(epoch)
     assert torch.equal(unflipped[index][0], seismic[index])
 
@@ -123,26 +125,37 @@ def test_flip_augmentation_is_deterministic_and_mirrors():
 def test_flipped_sample_matches_the_data_of_the_mirrored_map(velocity):
     """The augmentation is physically right: up to the middle source's one-cell offset, a mirrored
     sample is what the surrogate produces for the mirrored map."""
-    prepared = torch.from_numpy(prepare_seismic(reflection_seismic(velocity[:2]), 200, "log_minmax"))
-    of_mirrored_map = torch.from_numpy(prepare_seismic(reflection_seismic(mirror_columns(velocity[:2])), 200, "log_minmax"))
+    prepare = SeismicInput(200, "log_minmax")
+    prepared = prepare(torch.from_numpy(reflection_seismic(velocity[:2])))
+    of_mirrored_map = prepare(torch.from_numpy(reflection_seismic(mirror_columns(velocity[:2]))))
     for i in range(2):
         flipped, _ = mirror(prepared[i], torch.from_numpy(velocity[i]))
         torch.testing.assert_close(flipped[[0, 1, 3, 4]], of_mirrored_map[i][[0, 1, 3, 4]], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("normalize", ["log_minmax", "standardize"])
-def test_build_datasets(normalize):
+def test_build_datasets_and_model_input(normalize):
     cfg = make_cfg(data=GwiData(num_train=8, num_val=4, time_steps=64, normalize=normalize))
-    train, val = GwiTask(cfg).build_datasets(cfg)
+    task = GwiTask(cfg)
+    train, val = task.build_datasets(cfg)
     assert len(train) == 8 and len(val) == 4 and train.flip and not val.flip
-    seismic, velocity = train[0]
+    seismic, velocity, family = train[0]
     assert seismic.shape == (5, 64, 70) and seismic.dtype == torch.float32
     assert velocity.shape == (1, 70, 70) and velocity.dtype == torch.float32
-    assert not torch.equal(train.velocity[:4], val.velocity)  # different seeds per split
+    assert not np.array_equal(train.pairs[0].velocity_array[:4], val.pairs[0].velocity_array)  # different seeds per split
+    model_input = task.build_model(cfg).prepare(torch.from_numpy(train.pairs[0].seismic_array))
     if normalize == "log_minmax":
-        assert -1.1 < train.seismic.min() and train.seismic.max() < 1.1
+        assert -1.1 < model_input.min() and model_input.max() < 1.1
     else:
-        torch.testing.assert_close(train.seismic.flatten(1).mean(1), torch.zeros(8), atol=1e-4, rtol=0)
+        torch.testing.assert_close(model_input.flatten(1).mean(1), torch.zeros(8), atol=1e-4, rtol=0)
+
+
+def test_model_input_reduces_raw_time_axis_by_area():
+    raw = torch.arange(1000, dtype=torch.float16).reshape(1, 1, 1000, 1).expand(2, 5, 1000, 70)
+    reduced = SeismicInput(100, "standardize")(raw)
+    assert reduced.shape == (2, 5, 100, 70) and reduced.dtype == torch.float32
+    # area resizing averages each block of 10 samples
+    torch.testing.assert_close(reduce_time(raw.float(), 100)[0, 0, :, 0], torch.arange(4.5, 1000, 10))
 
 
 # ---- task: registration, loss, metrics, learning ----------------------------------------------------
@@ -160,7 +173,7 @@ def test_loss_and_metrics(loss_name):
     target = torch.full((3, 1, 70, 70), 3000.0)
     predicted = target.clone()
     predicted[..., 0::2] += 300.0  # wrong by 300 m/s on even columns only
-    batch = (torch.zeros(3, 5, 64, 70), target)
+    batch = (torch.zeros(3, 5, 64, 70), target, torch.zeros(3, dtype=torch.long))
     metrics = task.metrics(predicted, batch)
     assert set(metrics) >= {"loss", "mae", "mae_odd"} and all(v.shape == (3,) for v in metrics.values())
     torch.testing.assert_close(metrics["mae"], torch.full((3,), 150.0))
@@ -175,7 +188,7 @@ def test_a_few_adam_steps_reduce_the_loss():
     task = GwiTask(cfg)
     train, _ = task.build_datasets(cfg)
     model = task.build_model(cfg).train()
-    batch = tuple(torch.stack(items) for items in zip(*(train[i] for i in range(8))))
+    batch = torch.utils.data.default_collate([train[i] for i in range(8)])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):

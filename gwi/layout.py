@@ -1,0 +1,163 @@
+"""The on-disk layouts of OpenFWI / Kaggle training data, read as (seismic, velocity) file pairs.
+
+Two layouts, per family folder (`<root>/<Family>/`), as in the Kaggle `train_samples/` and OpenFWI:
+  Vel and Style families:  data/dataN.npy (n, 5, 1000, 70)  <->  model/modelN.npy (n, 1, 70, 70)
+  Fault families:          seisX_Y_Z.npy  (n, 5, 1000, 70)  <->  velX_Y_Z.npy     (n, 1, 70, 70)
+Several roots may be combined (the competition samples plus external OpenFWI, say). Files are
+float32 or float16 (see `python -m gwi.convert`). Only headers are read here (memory maps), so
+discovery costs milliseconds whatever the data size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from harness.config import UserError
+
+SEISMIC_SAMPLE_SHAPE = (5, 1000, 70)
+VELOCITY_SAMPLE_SHAPE = (1, 70, 70)
+ALLOWED_DTYPES = (np.dtype("float32"), np.dtype("float16"))
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class FilePair:
+    family: str
+    seismic: Path
+    velocity: Path
+    samples: int
+
+    def open(self) -> tuple[np.ndarray, np.ndarray]:
+        """Memory maps of (seismic, velocity): nothing is read until a sample is indexed."""
+        return np.load(self.seismic, mmap_mode="r"), np.load(self.velocity, mmap_mode="r")
+
+    @property
+    def name(self) -> str:
+        """A stable name for the pair: family/file stem of the seismic file."""
+        return f"{self.family}/{self.seismic.stem}"
+
+
+def _header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise UserError(f"{path}: not a readable .npy file ({err})") from None
+    return array.shape, array.dtype
+
+
+def check_pair(seismic: Path, velocity: Path) -> int:
+    """Shapes and dtypes of one pair; returns its sample count, or raises a UserError naming the file."""
+    (s_shape, s_dtype), (v_shape, v_dtype) = _header(seismic), _header(velocity)
+    for path, shape, dtype, sample_shape in ((seismic, s_shape, s_dtype, SEISMIC_SAMPLE_SHAPE),
+                                             (velocity, v_shape, v_dtype, VELOCITY_SAMPLE_SHAPE)):
+        if len(shape) != 4 or tuple(shape[1:]) != sample_shape:
+            raise UserError(f"{path}: shape {tuple(shape)}, expected (n, {', '.join(map(str, sample_shape))})")
+        if dtype not in ALLOWED_DTYPES:
+            raise UserError(f"{path}: dtype {dtype}, expected float32 or float16")
+    if s_shape[0] != v_shape[0]:
+        raise UserError(f"{seismic} holds {s_shape[0]} samples but its pair {velocity} holds {v_shape[0]}")
+    return int(s_shape[0])
+
+
+def _natural_key(path: Path):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def _family_pairs(family_dir: Path) -> list[tuple[Path, Path]]:
+    """(seismic, velocity) paths of one family folder, in either layout; unpaired files are errors."""
+    pairs = []
+    data_dir, model_dir = family_dir / "data", family_dir / "model"
+    if data_dir.is_dir() or model_dir.is_dir():
+        data = {p.name.removeprefix("data"): p for p in data_dir.glob("data*.npy")} if data_dir.is_dir() else {}
+        model = {p.name.removeprefix("model"): p for p in model_dir.glob("model*.npy")} if model_dir.is_dir() else {}
+        for key in sorted(data.keys() | model.keys()):
+            if key not in model:
+                raise UserError(f"{data[key]}: no matching velocity file {model_dir / ('model' + key)}")
+            if key not in data:
+                raise UserError(f"{model[key]}: no matching seismic file {data_dir / ('data' + key)}")
+            pairs.append((data[key], model[key]))
+    seis = {p.name.removeprefix("seis"): p for p in family_dir.glob("seis*.npy")}
+    vel = {p.name.removeprefix("vel"): p for p in family_dir.glob("vel*.npy")}
+    for key in sorted(seis.keys() | vel.keys()):
+        if key not in vel:
+            raise UserError(f"{seis[key]}: no matching velocity file {family_dir / ('vel' + key)}")
+        if key not in seis:
+            raise UserError(f"{vel[key]}: no matching seismic file {family_dir / ('seis' + key)}")
+        pairs.append((seis[key], vel[key]))
+    return sorted(pairs, key=lambda pair: _natural_key(pair[0]))
+
+
+def _family_dirs(root: Path) -> list[Path]:
+    """A root is a folder of family folders, or a single family folder itself."""
+    if _family_pairs_present(root):
+        return [root]
+    return sorted(d for d in root.iterdir() if d.is_dir() and _family_pairs_present(d))
+
+
+def _family_pairs_present(folder: Path) -> bool:
+    return (folder / "data").is_dir() or (folder / "model").is_dir() or any(folder.glob("seis*.npy")) or any(folder.glob("vel*.npy"))
+
+
+def find_pairs(roots: list[str | os.PathLike]) -> list[FilePair]:
+    """Every (seismic, velocity) pair under `roots`, validated (shapes, dtypes, counts)."""
+    pairs = []
+    for root in map(Path, roots):
+        if not root.is_dir():
+            raise UserError(f"key 'data.roots': {str(root)!r} is not a directory")
+        families = _family_dirs(root)
+        if not families:
+            raise UserError(f"{root}: no training data found (expected <Family>/data/dataN.npy + <Family>/model/modelN.npy "
+                            "or <Family>/seisX.npy + <Family>/velX.npy)")
+        for family_dir in families:
+            for seismic, velocity in _family_pairs(family_dir):
+                pairs.append(FilePair(family_dir.name, seismic, velocity, check_pair(seismic, velocity)))
+    return pairs
+
+
+def split_pairs(pairs: list[FilePair], folds: int, fold: int, seed: int) -> tuple[list[FilePair], list[FilePair]]:
+    """File-level train/validation split, stratified by family: each family's files are shuffled with
+    `seed` and dealt round-robin into `folds` folds; fold `fold` validates. Splitting by file, not by
+    sample, keeps the (often near-duplicate) samples of one simulation file on one side. A family
+    with fewer files than folds still gets its first fold's share: at least one file validates
+    when it has two or more."""
+    if not 0 <= fold < folds:
+        raise UserError(f"key 'data.fold': {fold} is not in 0..{folds - 1} (data.folds={folds})")
+    train, val = [], []
+    for family in sorted({p.family for p in pairs}):
+        members = [p for p in pairs if p.family == family]
+        order = np.random.default_rng([seed, _stable_hash(family)]).permutation(len(members))
+        for position, index in enumerate(order):
+            in_val = position % folds == fold and len(members) > 1
+            (val if in_val else train).append(members[index])
+    return train, val
+
+
+def _stable_hash(text: str) -> int:
+    return zlib.crc32(text.encode())  # Python's hash() of a str changes with every process
+
+
+def family_stats(pairs: list[FilePair]) -> dict[str, dict]:
+    """Per family: files, samples, and velocity min / max / mean (velocity files are small to read)."""
+    stats = {}
+    for family in sorted({p.family for p in pairs}):
+        members = [p for p in pairs if p.family == family]
+        velocity = [np.load(p.velocity, mmap_mode="r") for p in members]
+        stats[family] = {
+            "files": len(members),
+            "samples": sum(p.samples for p in members),
+            "velocity_min": float(min(v.min() for v in velocity)),
+            "velocity_max": float(max(v.max() for v in velocity)),
+            "velocity_mean": float(sum(float(v.astype(np.float64).sum()) for v in velocity) / sum(v.size for v in velocity)),
+        }
+    return stats
+
+
+def read_manifest(root: Path) -> dict | None:
+    path = Path(root) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
