@@ -6,6 +6,7 @@ Batches are (seismic (B, 5, T, 70), velocity (B, 1, 70, 70)), both float32.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -14,7 +15,9 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from gwi.data import RAW_TIME_STEPS, SeismicInput, SeismicPairs, build_datasets
+from gwi.submission import evaluate_folder, is_test_folder, write_submission
 from gwi.models import VELOCITY_MAX, VELOCITY_MIN, create_model, known_models
+from harness.config import UserError
 from harness.task import Section, Task, register_task
 
 
@@ -126,3 +129,16 @@ class GwiTask(Task):
         if self.tta == "flip":  # the mirrored sample's prediction, mirrored back
             velocity = (velocity + model(seismic.flip(dims=(1, 3))).float().flip(dims=(3,))) / 2
         return velocity
+
+    def predict_folder(self, model: nn.Module, folder: str, out: str | None, **options) -> dict:
+        """A test folder (`<id>.npy` files) -> the Kaggle submission CSV at `out`; a labelled folder
+        (training layout) -> MAE overall, on odd columns and per family (+ predictions .npy)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError(f"--data {folder}: not a directory")
+        save_predictions = options.pop("save_predictions", None)
+        if is_test_folder(folder):
+            if not out:
+                raise UserError("--out: give the submission CSV path for a test folder")
+            return write_submission(self, model.eval(), folder, Path(out), **options)
+        return evaluate_folder(self, model.eval(), folder, save_predictions=save_predictions, **options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from harness.config import DEFAULT_CONFIG, UserError, dotted_keys, load_config, read_yaml, schema_for, type_name
+from harness.config import DEFAULT_CONFIG, UserError, user_message, dotted_keys, load_config, read_yaml, schema_for, type_name
 from harness.loop import RunFailed
 
 def is_main_rank() -> bool:
@@ -40,7 +40,7 @@ def run_cli(argv: list[str], command, usage: str) -> int:
         summary = command(cfg)
     except UserError as err:
         if is_main_rank():
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {user_message(err)}", file=sys.stderr)
         return 2
     except RunFailed as err:
         if is_main_rank():

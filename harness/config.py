@@ -25,6 +25,15 @@ class UserError(Exception):
     message without a traceback and exit 2. Tasks raise it for bad input, naming the file or key."""
 
 
+def user_message(err: UserError) -> str:
+    """The message of a UserError, also when a DataLoader worker raised it (the main process then
+    sees the worker's whole traceback as the message: keep its last line's message only)."""
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split("Error: ", 1)[-1]
+    return text
+
+
 class ConfigError(UserError):
     """A mistake in a config file or override; the message says which key and why."""
 

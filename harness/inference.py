@@ -70,3 +70,17 @@ def evaluate_checkpoints(paths: list[str], overrides: list[str] = (), batch_size
 
 def print_json(values: dict) -> None:
     print(json.dumps(values, indent=1))
+
+
+def predict_folder(paths: list[str], data: str, out: str | None, tta: str, batch_size: int | None,
+                   num_workers: int, save_predictions: str | None, overrides: list[str] = ()) -> dict:
+    """The ensemble's predictions for a folder of data, in the task's own format (the task's
+    `predict_folder`: e.g. a Kaggle submission, or metrics of a labelled folder)."""
+    task, cfg, model = load_ensemble(paths, overrides)
+    task.tta = tta
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.mixed_precision)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda"):
+        return task.predict_folder(model, data, out, batch_size=batch_size or cfg.trainer.eval_batch_size or cfg.trainer.batch_size,
+                                   num_workers=num_workers, device=device, save_predictions=save_predictions)

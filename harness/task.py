@@ -59,6 +59,13 @@ class Task:
         """Inference-time prediction (e.g. with test-time augmentation); defaults to `forward`."""
         return self.forward(model, batch)
 
+    def predict_folder(self, model: nn.Module, folder: str, out: str | None, **options) -> dict:
+        """Predict for a folder of files (infer.py --data): write `out` in the task's own format
+        (e.g. a competition submission) or score a labelled folder; returns a summary to print."""
+        from harness.config import UserError
+
+        raise UserError(f"task {self.name!r} has no folder inference (infer.py --data)")
+
     def batch_size(self, batch) -> int:
         return find_batch_size(batch)
 
