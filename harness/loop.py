@@ -82,8 +82,8 @@ def train(cfg: BaseRunConfig) -> dict:
 
     # ---- data and model -------------------------------------------------------------------------
     train_set, val_set = task.build_datasets(cfg)
-    loader_args = dict(num_workers=tc.num_workers, pin_memory=torch.cuda.is_available(),
-                       persistent_workers=False, collate_fn=getattr(task, "collate_fn", None))
+    loader_args = dict(num_workers=tc.num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                       collate_fn=getattr(task, "collate_fn", None), worker_init_fn=ignore_stop_signals)
     train_loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, drop_last=True,
                               # Its own generator: creating an iterator must not draw from the global
                               # RNG, or a resumed run's dropout would diverge from a straight one.
@@ -266,6 +266,14 @@ def train(cfg: BaseRunConfig) -> dict:
         tracker.summary({f"best/{best['monitor']}": best["monitor_value"], "best/step": best["step"]})
     accelerator.end_training()
     return summary
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT/SIGTERM: a Ctrl-C or a shutdown reaches the whole process
+    group, and a worker that died of it would crash the main process before it can save `last`.
+    The main process stops them itself; orphaned workers exit when their parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def any_process(accelerator, *flags: bool) -> list[bool]:

@@ -57,19 +57,21 @@ def test_sigterm_then_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     # on an update boundary mid-epoch; a long run leaves time to interrupt it.
     args = [SMOKE_CNN, "trainer.epochs=30", "data.num_train=256", "trainer.batch_size=16", "trainer.grad_accum_steps=2",
             "model.dropout=0.3", "ema.enabled=true", "ema.decay=0.9", "log.every_steps=1", "log.wandb=disabled",
-            "trainer.deterministic=true"]
+            "trainer.deterministic=true", "trainer.num_workers=2"]
     straight = run_entry("train.py", *args, f"output_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr
 
     interrupted = tmp_path / "interrupted"
+    # Its own process group, signalled as a whole like a shutdown or a Ctrl-C: DataLoader workers included.
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args), f"output_dir={interrupted}"],
-                               cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # signal once the run is a little way in, mid-epoch
         if (interrupted / "metrics.jsonl").exists() and any(r["step"] >= 13 for r in read_metrics(interrupted)):
             break
         time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     stopped = ckpt.read_meta(interrupted / "checkpoints" / "last")
