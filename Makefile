@@ -13,6 +13,9 @@ $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH_PINS)
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# W&B's sweep-config validator (package `sweeps`, wandb[sweeps]) pins numpy<2 for its Bayesian
+	# search only; its validation runs on numpy 2, so the tests install it without dependencies.
+	$(BIN)/python -m pip install -q --no-deps sweeps==0.3.0
 	touch $(INSTALLED)
 
 setup: $(INSTALLED)

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from harness.config import DEFAULT_CONFIG, UserError, user_message, dotted_keys, load_config, read_yaml, schema_for, type_name
 from harness.loop import RunFailed
 
 def is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
+
+
+def sweep_trial_output_dir(cfg) -> None:
+    """Under a W&B sweep agent each trial writes to <output_dir>/<W&B run id>: trials that run one
+    after another or side by side never resume or overwrite one another, and a requeued trial (same
+    id) finds its own checkpoint. Every process of a launch sees the same environment, so all agree."""
+    run_id = os.environ.get("WANDB_RUN_ID")
+    if os.environ.get("WANDB_SWEEP_ID") and run_id and Path(cfg.output_dir).name != run_id:
+        cfg.output_dir = str(Path(cfg.output_dir) / run_id)
 
 
 def split_args(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -37,6 +47,7 @@ def run_cli(argv: list[str], command, usage: str) -> int:
             return 0
         config_path, overrides = split_args(argv)
         cfg = load_config(config_path, overrides)
+        sweep_trial_output_dir(cfg)
         summary = command(cfg)
     except UserError as err:
         if is_main_rank():

@@ -13,7 +13,7 @@ from types import UnionType
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
 
 from harness.task import Section, get_task
 
@@ -100,6 +100,15 @@ class Log(Section):
     every_steps: int = Field(10, ge=1, description="train metrics are averaged and logged this often")
     plot: bool = Field(True, description="draw metrics.png (learning curves) at the end of the run")
     progress: Literal["auto", "bar", "plain", "none"] = Field("auto", description="auto: bar on a terminal, lines otherwise")
+    upload_checkpoints: Literal["best", "last", "none"] = Field(
+        "none", description="W&B model artifacts: best = each new best checkpoint; last = also every `last` (full state)")
+
+    @model_validator(mode="after")
+    def _uploads_need_wandb(self):
+        if self.upload_checkpoints != "none" and self.wandb == "disabled":
+            raise ValueError(f"log.upload_checkpoints={self.upload_checkpoints} logs W&B artifacts: "
+                             "set log.wandb to online or offline, or log.upload_checkpoints=none")
+        return self
 
 
 class BaseRunConfig(Section):

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from harness import checkpoint as ckpt
+from harness.artifacts import resolve_checkpoint
 from harness.config import BaseRunConfig, ConfigError, apply_overrides, validate
 from harness.loop import evaluate
 from harness.task import Task, get_task
@@ -40,7 +41,7 @@ def load_ensemble(paths: list[str], overrides: list[str] = ()) -> tuple[Task, Ba
     if not paths:
         raise ConfigError("give at least one --checkpoint")
     members, configs = [], []
-    for path in paths:
+    for path in map(resolve_checkpoint, paths):  # wandb:ENTITY/PROJECT/NAME:ALIAS -> downloaded directory
         try:
             cfg = checkpoint_config(path, overrides)
         except FileNotFoundError as err:
@@ -58,6 +59,7 @@ def load_ensemble(paths: list[str], overrides: list[str] = ()) -> tuple[Task, Ba
 
 def evaluate_checkpoints(paths: list[str], overrides: list[str] = (), batch_size: int | None = None) -> dict:
     """Metrics of the ensemble on the validation split of the first checkpoint's config."""
+    paths = [resolve_checkpoint(path) for path in paths]  # download W&B artifacts once, report local paths
     task, cfg, model = load_ensemble(paths, overrides)
     accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision)
     _, val_set = task.build_datasets(cfg)

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 
+from harness.artifacts import CheckpointUploader
 from harness.checkpoint import Checkpointer
 from harness.config import BaseRunConfig, ConfigError, save_yaml
 from harness.optim import build_ema, build_optimizer, build_scheduler
@@ -134,6 +135,7 @@ def train(cfg: BaseRunConfig) -> dict:
 
     state.wandb_run_id = start_wandb(accelerator, cfg, run_dir, state.wandb_run_id) or state.wandb_run_id
     tracker = Tracker(accelerator, run_dir, total_steps, state.step, cfg.log.progress, cfg.log.every_steps)
+    uploader = CheckpointUploader(accelerator, cfg.log.upload_checkpoints)
 
     # ---- stopping: signals, time budget, non-finite loss --------------------------------------------
     stop_requested = []
@@ -158,14 +160,15 @@ def train(cfg: BaseRunConfig) -> dict:
         if cfg.sched.name == "plateau":
             scheduler.step(values[monitor])
         meta = dict(step=state.step, epoch=state.epoch, task=cfg.task, metrics=values, config=cfg.model_dump(mode="json"))
-        checkpointer.save_best(weights_for_inference, values[monitor], meta)
+        if checkpointer.save_best(weights_for_inference, values[monitor], meta):
+            uploader.best_saved(checkpointer.dir, state.step)
         tracker.log(values, state.step, epoch_progress())
         tracker.message(f"eval step {state.step}: " + " ".join(f"{k} {v:.5g}" for k, v in values.items()))
         return values
 
     def save_last(reason: str) -> None:
         meta = dict(step=state.step, epoch=state.epoch, task=cfg.task, reason=reason, config=cfg.model_dump(mode="json"))
-        checkpointer.save_last(weights_for_inference, meta)
+        uploader.last_saved(checkpointer.save_last(weights_for_inference, meta), state.step)
 
     def epoch_progress() -> float:
         return state.epoch + state.batches_in_epoch / len(train_loader)

@@ -36,6 +36,11 @@ def build_scheduler(sc, optimizer: torch.optim.Optimizer, total_steps: int, mode
     metric)."""
     total_steps = max(total_steps, 1)
     if sc.name == "onecycle":
+        if sc.pct_start * total_steps <= 1:  # torch's OneCycleLR divides by zero on a rise of one update or less
+            from harness.config import ConfigError
+
+            raise ConfigError(f"key 'sched.name': onecycle needs sched.pct_start x updates > 1, got {sc.pct_start} x "
+                              f"{total_steps}; train longer or use sched.name=cosine")
         # cycle_momentum off: the configured momentum / betas stay what the config says.
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,

@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
 
+from harness.config import ConfigError
+
 
 def has_wandb_credentials() -> bool:
     """True when wandb could log in without prompting: an API key in the environment or ~/.netrc."""
@@ -45,10 +47,15 @@ def start_wandb(accelerator, cfg, run_dir: Path, run_id: str | None) -> str | No
         return None
     import wandb
 
+    run_id = choose_run_id(run_id, cfg, say=accelerator.print)
+    in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
+
     def init(mode: str):
         kwargs = dict(
             mode=mode, dir=str(run_dir), name=cfg.log.name or run_dir.name, group=cfg.log.group,
-            tags=list(cfg.log.tags), entity=cfg.log.entity, id=run_id, resume="allow" if run_id else None,
+            tags=list(cfg.log.tags), entity=cfg.log.entity, resume="allow" if run_id else None,
+            # Under a sweep W&B takes the id from WANDB_RUN_ID itself and warns about any id= given.
+            id=None if in_sweep else run_id,
             settings=wandb.Settings(init_timeout=90, silent=True, console="off"),
         )
         accelerator.init_trackers(cfg.log.project, config=cfg.model_dump(mode="json"), init_kwargs={"wandb": kwargs})
@@ -63,6 +70,22 @@ def start_wandb(accelerator, cfg, run_dir: Path, run_id: str | None) -> str | No
         init("offline")
     run = accelerator.get_tracker("wandb", unwrap=True) if accelerator.is_main_process else None
     return getattr(run, "id", None)
+
+
+def choose_run_id(stored: str | None, cfg, say=print) -> str | None:
+    """The W&B run to log to: WANDB_RUN_ID when set (a sweep agent sets it for each trial, and W&B
+    itself uses it under a sweep), else the id a resumed checkpoint stored (continue that run), else
+    None (W&B makes a new one). Every process computes the same answer from the same inputs."""
+    from_env = os.environ.get("WANDB_RUN_ID") or None
+    if from_env is None or stored is None or from_env == stored:  # a requeued sweep trial keeps its id
+        return from_env or stored
+    if os.environ.get("WANDB_SWEEP_ID") and cfg.resume == "auto":
+        # The output_dir's checkpoint belongs to another trial: continuing it would train this
+        # trial's parameters from that trial's weights (or stop at once if it had finished).
+        raise ConfigError(f"W&B sweep trial {from_env}: output_dir {cfg.output_dir!r} holds the checkpoint of run "
+                          f"{stored}, another trial; each trial needs its own output_dir")
+    say(f"W&B: logging to run {from_env} (WANDB_RUN_ID), not {stored}, the run that wrote the checkpoint")
+    return from_env
 
 
 class Tracker:

@@ -40,16 +40,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def wandb_log(run_dir: Path) -> tuple[list[dict], dict]:
-    """(history rows, summary) of the W&B offline run in `run_dir`, decoded from its .wandb transaction log
-    with wandb's own protobuf schema (a LevelDB-style log: 7-byte file header, 32 KiB blocks, records
-    with a 7-byte header of crc32, length and type; FULL=1, FIRST=2, MIDDLE=3, LAST=4)."""
+def wandb_records(run_dir: Path):
+    """Every record of the W&B offline run in `run_dir`, decoded from its .wandb transaction log with
+    wandb's own protobuf schema (a LevelDB-style log: 7-byte file header, 32 KiB blocks, records with a
+    7-byte header of crc32, length and type; FULL=1, FIRST=2, MIDDLE=3, LAST=4)."""
     from wandb.proto import wandb_internal_pb2
 
     (log_path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
     data = log_path.read_bytes()
     assert data[:4] == b":W&B", f"{log_path} is not a W&B transaction log"
-    block, pos, pending, rows, summary = 32768, 7, b"", [], {}
+    block, pos, pending = 32768, 7, b""
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # the tail of a block too short for a header is padding
             pos += block - pos % block
@@ -63,12 +63,48 @@ def wandb_log(run_dir: Path) -> tuple[list[dict], dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             pending = b""
-            kind_name = record.WhichOneof("record_type")
-            if kind_name == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
-            elif kind_name == "summary":
-                summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.summary.update})
+            yield record
+
+
+def _items(items) -> dict:
+    return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+
+
+def wandb_log(run_dir: Path) -> tuple[list[dict], dict]:
+    """(history rows, summary) of the W&B offline run in `run_dir`."""
+    rows, summary = [], {}
+    for record in wandb_records(run_dir):
+        kind_name = record.WhichOneof("record_type")
+        if kind_name == "history":
+            rows.append(_items(record.history.item))
+        elif kind_name == "summary":
+            summary.update(_items(record.summary.update))
     return rows, summary
+
+
+def wandb_run(run_dir: Path) -> tuple[dict, dict]:
+    """(run, config) of the W&B offline run in `run_dir`: the run record's ids (run_id, sweep_id,
+    project, ...) and the config as W&B holds it (the run record's, then later config updates)."""
+    run, config = {}, {}
+    for record in wandb_records(run_dir):
+        kind_name = record.WhichOneof("record_type")
+        if kind_name == "run" and not run:
+            run = {"run_id": record.run.run_id, "sweep_id": record.run.sweep_id, "project": record.run.project}
+            config.update(_items(record.run.config.update))
+        elif kind_name == "config":
+            config.update(_items(record.config.update))
+    return run, config
+
+
+def wandb_artifacts(run_dir: Path) -> list[dict]:
+    """The artifacts the W&B offline run in `run_dir` logged, in order: name, type, aliases, metadata,
+    and files {path in the artifact: (size, the staged copy `wandb sync` uploads)}."""
+    return [
+        {"name": record.artifact.name, "type": record.artifact.type, "aliases": list(record.artifact.aliases),
+         "metadata": json.loads(record.artifact.metadata or "{}"),
+         "files": {entry.path: (entry.size, entry.local_path) for entry in record.artifact.manifest.contents}}
+        for record in wandb_records(run_dir) if record.WhichOneof("record_type") == "artifact"
+    ]
 
 
 @pytest.fixture

@@ -1,0 +1,92 @@
+"""`python -m harness.runs`: the table comparing the runs of an outputs folder, on runs of the real loop."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SMOKE_CNN, clean_env, read_metrics
+from harness import checkpoint as ckpt
+from harness.config import load_config
+from harness.loop import train
+
+
+def runs_cli(*args, columns: int = 200) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness.runs", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=clean_env(COLUMNS=str(columns)))
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> Path:
+    """Three cnn smoke runs that differ in lr, one of them stopped by its time budget (after one evaluation)."""
+    root = tmp_path_factory.mktemp("outputs")
+    common = ["trainer.epochs=2", "log.wandb=disabled", "log.plot=false"]
+    started = time.time()
+    for name, extra in (("lr-slow", ["optim.lr=0.002"]), ("lr-fast", ["optim.lr=0.02"]),
+                        ("budget", ["optim.lr=0.01", "trainer.max_minutes=0.0001", "trainer.eval_every_steps=1"])):
+        train(load_config(SMOKE_CNN, [*common, *extra, f"output_dir={root / name}"]))
+    (root / "took_s").write_text(str(time.time() - started))
+    return root
+
+
+def csv_rows(text: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_csv_has_one_row_per_run_best_first_with_the_keys_that_differ(outputs):
+    result = runs_cli(outputs, "--csv")
+    assert result.returncode == 0, result.stderr
+    rows = csv_rows(result.stdout)
+    assert list(rows[0]) == ["run", "status", "steps", "wall_s", "monitor", "mode", "best", "best_step",
+                             "optim.lr", "trainer.eval_every_steps", "trainer.max_minutes"]
+    bests = {name: max(r["val/acc"] for r in read_metrics(outputs / name) if "val/acc" in r) for name in ("lr-slow", "lr-fast", "budget")}
+    assert [row["run"] for row in rows] == sorted(bests, key=bests.get, reverse=True)  # val/acc: higher first
+    by_name = {row["run"]: row for row in rows}
+    for name, best in bests.items():
+        row = by_name[name]
+        assert (row["monitor"], row["mode"], float(row["best"])) == ("val/acc", "max", best)
+        assert int(row["best_step"]) == ckpt.read_meta(outputs / name / "checkpoints" / "best")["step"]
+        assert 0 <= float(row["wall_s"]) <= float((outputs / "took_s").read_text())
+    assert (by_name["lr-slow"]["status"], by_name["lr-slow"]["steps"], by_name["lr-slow"]["optim.lr"]) == ("finished", "16", "0.002")
+    assert by_name["lr-fast"]["optim.lr"] == "0.02" and by_name["lr-fast"]["trainer.max_minutes"] == ""
+    stopped = ckpt.read_meta(outputs / "budget" / "checkpoints" / "last")
+    assert by_name["budget"]["status"] == "stopped (max_minutes)" and int(by_name["budget"]["steps"]) == stopped["step"] < 16
+
+
+def test_table_is_printed_with_rich_and_csv_goes_to_a_path(outputs, tmp_path):
+    result = runs_cli(outputs, "--csv", tmp_path / "runs.csv")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("3 runs in ") and "┃ run" in result.stdout
+    assert "best val/acc" in result.stdout and "optim.lr" in result.stdout
+    rows = csv_rows((tmp_path / "runs.csv").read_text())
+    order = [line.split("│")[1].strip() for line in lines if line.startswith("│")]
+    assert order == [row["run"] for row in rows]
+
+
+def test_a_run_without_its_final_save_is_running_while_it_writes_then_crashed(outputs, tmp_path):
+    # A copy of a finished run whose last save is an epoch's: what a lost machine leaves behind.
+    shutil.copytree(outputs / "lr-slow", tmp_path / "lost")
+    meta_path = tmp_path / "lost" / "checkpoints" / "last" / ckpt.META
+    meta_path.write_text(json.dumps({**ckpt.read_meta(meta_path.parent), "reason": "epoch"}))
+    assert csv_rows(runs_cli(tmp_path, "--csv").stdout)[0]["status"] == "running"
+    hour_ago = time.time() - 3600
+    os.utime(tmp_path / "lost" / "metrics.jsonl", (hour_ago, hour_ago))
+    assert csv_rows(runs_cli(tmp_path, "--csv").stdout)[0]["status"] == "crashed"
+
+
+def test_a_folder_without_runs_or_a_folder_as_csv_path_exits_2_naming_it(tmp_path):
+    result = runs_cli(tmp_path)
+    assert result.returncode == 2 and f"no runs under {str(tmp_path)!r}" in result.stderr
+    result = runs_cli(tmp_path / "missing")
+    assert result.returncode == 2 and "is not a folder" in result.stderr
+    result = runs_cli("--csv", tmp_path)  # the folder taken as the CSV's path
+    assert result.returncode == 2 and f"python -m harness.runs {tmp_path} --csv" in result.stderr
