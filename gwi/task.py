@@ -7,16 +7,17 @@ Batches are (seismic (B, 5, T, 70), velocity (B, 1, 70, 70)), both float32.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 from torch import nn
 
 from gwi.data import RAW_TIME_STEPS, SeismicInput, SeismicPairs, build_datasets
 from gwi.submission import evaluate_folder, is_test_folder, write_submission
-from gwi.models import VELOCITY_MAX, VELOCITY_MIN, create_model, known_models
+from gwi.models import (VELOCITY_MAX, VELOCITY_MIN, check_pretrained_path, create_model, known_models, resolve_decoder_channels,
+                        resolve_drop_path, resolve_encoder)
 from harness.config import UserError
 from harness.task import Section, Task, register_task
 
@@ -40,10 +41,25 @@ class GwiData(Section):
 
 
 class GwiModel(Section):
-    name: str = Field("inversionnet", description="a name known to gwi.models.create_model")
-    width: float = Field(1.0, gt=0, description="channel multiplier; 1.0 = the published size")
+    name: str = Field("inversionnet", description="a name known to gwi.models.create_model: " + ", ".join(known_models()))
+    width: float = Field(
+        1.0, gt=0, description="channel multiplier: inversionnet's (1.0 = the published size); encoder models' decoder_channels")
     head: Literal["sigmoid", "clamp"] = Field(
         "sigmoid", description="sigmoid: 1500 + 3000 sigmoid(x); clamp: linear, clamped to [1500, 4500] in eval")
+    # Encoder models only; null = the model's default, filled in here so the saved config names it.
+    encoder: Annotated[Optional[str], AfterValidator(
+        lambda value, info: resolve_encoder(info.data.get("name"), value))] = Field(
+        None, validate_default=True,
+        description="timm encoder (unet: smp's own or tu-<timm name>); null = resnet18 / hgnetv2_b0 / convnext_atto / caformer_s18")
+    pretrained_path: Annotated[Optional[str], AfterValidator(
+        lambda value, info: check_pretrained_path(info.data.get("name"), value))] = Field(
+        None, description="local .pth/.safetensors of encoder weights (e.g. a timm ImageNet file) loaded at build; never downloaded")
+    decoder_channels: Annotated[Optional[list[int]], AfterValidator(
+        lambda value, info: resolve_decoder_channels(info.data.get("name"), value))] = Field(
+        None, validate_default=True, description="UNet decoder block channels, deepest first (unet: 5, others: 4); null = model default")
+    drop_path: Annotated[Optional[float], AfterValidator(
+        lambda value, info: resolve_drop_path(info.data.get("name"), info.data.get("encoder"), value))] = Field(
+        None, ge=0, lt=1, validate_default=True, description="encoder stochastic depth rate (timm drop_path_rate); null = 0")
 
     @field_validator("name")
     @classmethod
@@ -103,7 +119,7 @@ class GwiTask(Task):
         return train, val
 
     def build_model(self, cfg) -> nn.Module:
-        net = create_model(cfg.model.name, width=cfg.model.width, head=cfg.model.head)
+        net = create_model(cfg.model.name, **cfg.model.model_dump(exclude={"name"}, exclude_none=True))
         return GwiNet(SeismicInput(cfg.data.time_steps, cfg.data.normalize), net)
 
     def loss(self, outputs: torch.Tensor, batch) -> torch.Tensor:

@@ -13,7 +13,7 @@ from types import UnionType
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from harness.task import Section, get_task
 
@@ -45,6 +45,11 @@ class Trainer(Section):
     eval_batch_size: Optional[int] = Field(None, ge=1, description="per process; default batch_size")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer update")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="autocast dtype (fp16 uses a grad scaler; on CPU only bf16 acts)")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
     grad_clip: Optional[float] = Field(None, gt=0, description="max global grad norm; null = no clipping")
     eval_every_epochs: int = Field(1, ge=0, description="0 = only by steps / at the end")
     eval_every_steps: Optional[int] = Field(None, ge=1, description="also evaluate every N updates")

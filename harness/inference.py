@@ -46,6 +46,8 @@ def load_ensemble(paths: list[str], overrides: list[str] = ()) -> tuple[Task, Ba
             cfg = checkpoint_config(path, overrides)
         except FileNotFoundError as err:
             raise ConfigError(f"--checkpoint {path}: {err}") from None
+        if getattr(cfg.model, "pretrained_path", None):  # init-only: the checkpoint has the trained weights, and
+            cfg.model.pretrained_path = None               # the file is usually not on the predicting machine
         task = get_task(cfg.task, cfg)
         model = task.build_model(cfg)
         ckpt.load_weights(model, path)
