@@ -1,0 +1,277 @@
+"""Generate OpenFWI-layout training data with the OpenFWI-exact forward model.
+
+    python -m gwi.physics.synth --family FlatVel_A --n 2000 --out data/synth [--seed 0] [--workers 2]
+    python -m gwi.physics.synth --from-velocity ../shared/data/openfwi-velocity/FlatVel_A/model --out data/sim
+
+Writes `OUT/<Family>/data/dataK.npy` (n, 5, 1000, 70) seismic and `OUT/<Family>/model/modelK.npy`
+(n, 1, 70, 70) velocity, float32 (`--float16`: seismic in float16), 500 samples a file (the last
+one smaller), K = 1, 2, ... the layout `gwi.layout` reads.
+
+- Generated maps (`--family`): sample j (0-based over the whole run) is drawn from a generator
+  seeded with (seed, family, j), so shard K holds the same maps whatever --workers, batch size or
+  device, and a larger --n only appends shards (the last shard grows if it was partial). The
+  seismic is then the same bits for any --workers / --batch-size / --threads on the CPU (the
+  simulator's fast path is exact and batch-independent); on a GPU it agrees to float32 rounding.
+- `--from-velocity PATH` (a .npy file or a folder of them, (n, 1, nz, nx) or (n, nz, nx) in m/s):
+  simulates those maps instead, one output shard per input file (modelK.npy keeps its K; other
+  names are numbered in sorted order); the family defaults to the folder above `model/`.
+- Resumable: a shard whose two files exist with the expected shapes is skipped; every file is
+  written to a temporary name and renamed, so an interrupted run leaves no partial file. Run the
+  same command again to finish it.
+- Bad arguments or input files stop with a one-line message naming them, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import re
+import sys
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from harness.config import UserError
+
+PER_FILE = 500
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int  # K in dataK.npy / modelK.npy
+    count: int  # samples
+    start: int = 0  # generated maps: global index of the first sample
+    source: str | None = None  # --from-velocity: the input file
+
+
+def _family_seed(family: str) -> int:
+    return zlib.crc32(family.encode())
+
+
+def shard_velocity(family: str, seed: int, shard: Shard) -> np.ndarray:
+    """The shard's maps, float32 (count, 1, nz, nx)."""
+    if shard.source is not None:
+        maps = np.load(shard.source, mmap_mode="r")[:shard.count]
+        return np.array(maps.reshape(len(maps), 1, *maps.shape[-2:]), dtype=np.float32)  # a writable copy
+    from gwi.physics.velocity import generate
+
+    return np.concatenate([generate(family, 1, np.random.default_rng([seed, _family_seed(family), j]))
+                           for j in range(shard.start, shard.start + shard.count)])
+
+
+def _paths(out: Path, family: str, index: int) -> tuple[Path, Path]:
+    return out / family / "data" / f"data{index}.npy", out / family / "model" / f"model{index}.npy"
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def _finished(paths: tuple[Path, Path], shapes: tuple[tuple, tuple]) -> bool:
+    """Both files present with the expected shapes. Another sample count: not finished (the last
+    shard of a smaller --n); any other shape is an error (written with other settings)."""
+    if not all(p.exists() for p in paths):
+        return False
+    for path, shape in zip(paths, shapes):
+        try:
+            found = np.load(path, mmap_mode="r").shape
+        except (ValueError, OSError, EOFError):
+            return False  # unreadable (not ours, or damaged): simulate it again
+        if tuple(found[1:]) == tuple(shape[1:]) and found[0] != shape[0]:
+            return False  # a partial last shard of a smaller --n: simulate it again at its new size
+        if tuple(found) != tuple(shape):
+            raise UserError(f"{path} exists with shape {tuple(found)}, expected {tuple(shape)} (written with other "
+                            "settings?); remove it or choose another --out")
+    return True
+
+
+def _worker(job: dict, shards: list[Shard], threads: int, progress) -> None:
+    import torch
+
+    from gwi.physics.acoustic import forward_model
+
+    torch.set_num_threads(threads)
+    for shard in shards:
+        vel = shard_velocity(job["family"], job["seed"], shard)
+        parts = []
+        for start in range(0, len(vel), job["batch_size"]):
+            v = torch.from_numpy(vel[start:start + job["batch_size"]]).to(job["device"])
+            parts.append(forward_model(v, nt=job["nt"]).cpu().numpy())
+            if progress is not None:
+                progress.put(len(v))
+        seismic = np.concatenate(parts).astype(np.float16 if job["float16"] else np.float32)
+        data_path, model_path = _paths(Path(job["out"]), job["family"], shard.index)
+        _save_atomic(data_path, seismic)
+        _save_atomic(model_path, vel)
+
+
+def _from_velocity_shards(path: Path, limit: int | None) -> list[Shard]:
+    if not path.exists():
+        raise UserError(f"--from-velocity {path}: no such file or folder")
+    files = sorted(path.glob("*.npy")) if path.is_dir() else [path]
+    if not files:
+        raise UserError(f"--from-velocity {path}: no .npy files in it")
+    numbered = [re.fullmatch(r"model(\d+)\.npy", f.name) for f in files]
+    if all(numbered):
+        indices = [int(m.group(1)) for m in numbered]
+        files = [f for _, f in sorted(zip(indices, files))]
+        indices = sorted(indices)
+    else:
+        indices = list(range(1, len(files) + 1))
+    shards, total = [], 0
+    for index, file in zip(indices, files):
+        try:
+            maps = np.load(file, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as err:
+            raise UserError(f"{file}: not a readable .npy file ({err})") from None
+        if maps.ndim not in (3, 4) or (maps.ndim == 4 and maps.shape[1] != 1) or maps.shape[0] == 0:
+            raise UserError(f"{file}: shape {maps.shape}, expected (n, 1, nz, nx) or (n, nz, nx) velocity maps")
+        if maps.dtype.kind != "f":
+            raise UserError(f"{file}: dtype {maps.dtype}, expected floating point velocities in m/s")
+        count = len(maps) if limit is None else min(len(maps), limit - total)
+        if count <= 0:
+            break
+        low, high = float(np.min(maps[:count])), float(np.max(maps[:count]))
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 300 or high > 6000:
+            raise UserError(f"{file}: velocities in [{low:g}, {high:g}]; expected finite values in m/s (300 - 6000)")
+        shards.append(Shard(index, count, source=str(file)))
+        total += count
+    return shards
+
+
+def _family_from_path(path: Path) -> str:
+    folder = path if path.is_dir() else path.parent
+    return folder.parent.name if folder.name == "model" else folder.name
+
+
+def plan(args) -> tuple[dict, list[Shard]]:
+    from gwi.physics.velocity import FAMILIES
+
+    if args.n is not None and args.n < 1:
+        raise UserError(f"--n must be at least 1, got {args.n}")
+    for name in ("per_file", "workers", "batch_size", "nt"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out}: exists and is not a folder")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: CUDA is not available here")
+    elif args.device != "cpu":
+        raise UserError(f"--device {args.device}: expected cpu or cuda[:N]")
+    if args.from_velocity is not None:
+        shards = _from_velocity_shards(args.from_velocity, args.n)
+        family = args.family or _family_from_path(args.from_velocity)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", family):
+            raise UserError(f"--family {family!r}: use letters, digits, '_', '-' or '.'")
+    else:
+        if args.family is None or args.n is None:
+            raise UserError("--family and --n are required (or --from-velocity PATH)")
+        if args.family not in FAMILIES:
+            raise UserError(f"--family {args.family!r}: unknown; known: {', '.join(FAMILIES)}")
+        family = args.family
+        shards = [Shard(k + 1, min(args.per_file, args.n - start), start)
+                  for k, start in enumerate(range(0, args.n, args.per_file))]
+    job = dict(family=family, seed=args.seed, out=str(args.out), nt=args.nt, float16=args.float16,
+               batch_size=args.batch_size, device=args.device)
+    return job, shards
+
+
+def shapes(job: dict, shard: Shard) -> tuple[tuple, tuple]:
+    if shard.source is not None:
+        nz, nx = np.load(shard.source, mmap_mode="r").shape[-2:]
+    else:
+        nz = nx = 70
+    return (shard.count, 5, job["nt"], nx), (shard.count, 1, nz, nx)
+
+
+def run(args) -> list[Shard]:
+    """Simulate the shards not yet written; returns those it wrote."""
+    from tqdm.auto import tqdm
+
+    job, shards = plan(args)
+    out = Path(job["out"])
+    todo = [s for s in shards if not _finished(_paths(out, job["family"], s.index), shapes(job, s))]
+    total = sum(s.count for s in todo)
+    print(f"{job['family']}: {len(shards) - len(todo)} of {len(shards)} shards already written; "
+          f"simulating {total} samples into {out / job['family']}", file=sys.stderr)
+    if not todo:
+        return []
+    workers = min(args.workers, len(todo))
+    with tqdm(total=total, unit="sample", desc=job["family"], file=sys.stderr) as bar:
+        if workers == 1:
+            class _Bar:
+                def put(self, k):
+                    bar.update(k)
+
+            _worker(job, todo, max(1, args.threads or os.cpu_count()), _Bar())
+        else:
+            ctx = mp.get_context("spawn")
+            queue = ctx.Queue()
+            threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
+            procs = [ctx.Process(target=_worker, args=(job, todo[w::workers], threads, queue)) for w in range(workers)]
+            for p in procs:
+                p.start()
+            done = 0
+            while done < total:
+                try:
+                    k = queue.get(timeout=1.0)
+                except Exception:  # queue.Empty: check that the workers are alive
+                    if not any(p.is_alive() for p in procs):
+                        break
+                    continue
+                done += k
+                bar.update(k)
+            for p in procs:
+                p.join()
+            failed = [p.exitcode for p in procs if p.exitcode]
+            if failed:
+                raise RuntimeError(f"{len(failed)} worker(s) failed (exit codes {failed}); run the command again to resume")
+    return todo
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse would add the usage)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="python -m gwi.physics.synth", description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--family", help="FlatVel_A, ..., Style_B (with --from-velocity: the output family name)")
+    parser.add_argument("--n", type=int, help="samples to generate (with --from-velocity: at most this many)")
+    parser.add_argument("--out", type=Path, required=True, help="root folder; <Family>/data, <Family>/model go under it")
+    parser.add_argument("--float16", action="store_true", help="write the seismic as float16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1, help="processes, each simulating whole shards")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--from-velocity", type=Path, help="simulate these velocity .npy files (a file or a folder)")
+    parser.add_argument("--batch-size", type=int, default=8, help="maps simulated together")
+    parser.add_argument("--per-file", type=int, default=PER_FILE, help="samples per shard file")
+    parser.add_argument("--nt", type=int, default=1000, help="time samples per trace (OpenFWI: 1000)")
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
