@@ -10,7 +10,6 @@ import netrc
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -165,7 +164,3 @@ def _short(value) -> str:
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def quiet_third_party_warnings() -> None:
-    warnings.filterwarnings("ignore", message=".*torch.utils._pytree._register_pytree_node.*")

@@ -107,6 +107,18 @@ def wandb_artifacts(run_dir: Path) -> list[dict]:
     ]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a shared machine two spinning OpenMP
+    threads are many times slower than one (use with pytestmark = pytest.mark.usefixtures)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def smoke_cnn_args(tmp_path):
     """CLI args for a fast cnn smoke run writing into a fresh temporary output_dir."""

@@ -18,14 +18,7 @@ from harness.loop import train
 from harness.task import get_task
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a shared machine two spinning OpenMP
-    threads are many times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def wandb_history_once_written(run_dir, rows: int, timeout: float = 30) -> list[dict]:
