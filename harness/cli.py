@@ -3,6 +3,7 @@ one-line message and exit code 2 (no traceback), failed runs into exit code 1.""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -59,6 +60,16 @@ def run_cli(argv: list[str], command, usage: str) -> int:
         return 1
     if is_main_rank() and isinstance(summary, dict):
         print("done: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    return preempted_sweep_trial_exit_code(summary)
+
+
+def preempted_sweep_trial_exit_code(summary) -> int:
+    """0, except for a sweep trial stopped by SIGTERM/SIGINT (a machine going away): then 128 + the
+    signal's number, the usual code of a signal exit. A sweep requeues a trial marked preempting
+    (the loop marks it) only when it exits non-zero; the requeued trial resumes its checkpoint."""
+    stopped = summary.get("stopped") if isinstance(summary, dict) else None
+    if os.environ.get("WANDB_SWEEP_ID") and stopped in ("SIGTERM", "SIGINT"):
+        return 128 + signal.Signals[stopped]
     return 0
 
 

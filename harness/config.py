@@ -60,6 +60,7 @@ class Trainer(Section):
     on_nonfinite: Literal["stop", "skip"] = Field("stop", description="NaN/inf loss: stop the run, or skip the batch")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     save_every_steps: Optional[int] = Field(None, ge=1, description="also write `last` every N updates")
+    batch_replays: int = Field(1, ge=1, description="train on each batch this many times in a row (free adversarial training's m); the number of updates stays epochs x batches, so the data is seen epochs / m times")
 
 
 class Optim(Section):
@@ -70,6 +71,9 @@ class Optim(Section):
     momentum: float = Field(0.9, ge=0, description="sgd")
     nesterov: bool = Field(True, description="sgd")
     no_decay_bias_norm: bool = Field(True, description="no weight decay on biases and norm weights")
+    sam_rho: Optional[float] = Field(None, gt=0, description="Sharpness-Aware Minimization around the optimizer: radius of the weight perturbation (SAM ~0.05, ASAM ~0.5-2); null = off")
+    sam_adaptive: bool = Field(False, description="ASAM: perturbation scaled per weight by |w| + sam_eta")
+    sam_eta: float = Field(0.01, ge=0, description="ASAM: added to |w| so zero weights are perturbed too")
 
 
 class Sched(Section):

@@ -24,6 +24,7 @@ from harness.artifacts import CheckpointUploader
 from harness.checkpoint import Checkpointer
 from harness.config import BaseRunConfig, ConfigError, save_yaml
 from harness.optim import build_ema, build_optimizer, build_scheduler
+from harness.sam import SharpnessAware
 from harness.plots import plot_metrics
 from harness.task import get_task
 from harness.tracking import Tracker, start_wandb
@@ -97,6 +98,12 @@ def train(cfg: BaseRunConfig) -> dict:
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model)
+    sam = None
+    if cfg.optim.sam_rho is not None:
+        if tc.grad_accum_steps > 1:
+            raise ConfigError("key 'optim.sam_rho': SAM perturbs the weights with the gradient of the whole update, "
+                              "which grad accumulation splits over micro-batches; use trainer.grad_accum_steps=1")
+        sam = SharpnessAware(model.parameters(), cfg.optim.sam_rho, cfg.optim.sam_adaptive, cfg.optim.sam_eta)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     raw_model = accelerator.unwrap_model(model)
     if tc.compile:
@@ -184,7 +191,7 @@ def train(cfg: BaseRunConfig) -> dict:
                 train_set.set_epoch(state.epoch)
             batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
             model.train()
-            for batch in batches:
+            for batch, last_replay in replayed(batches, tc.batch_replays):
                 if tc.channels_last:
                     batch = to_channels_last(batch)
                 with accelerator.accumulate(model):
@@ -200,6 +207,10 @@ def train(cfg: BaseRunConfig) -> dict:
                                         "Lower optim.lr, enable trainer.grad_clip, or set trainer.on_nonfinite=skip.")
                     if not bad_loss:
                         accelerator.backward(loss)
+                        if sam is not None:  # the update uses the gradient at the worst weights within sam_rho
+                            with sam.perturbed(model):
+                                optimizer.zero_grad(set_to_none=True)
+                                accelerator.backward(task.loss(task.forward(model, batch), batch))
                     window["skipped_batches"] += float(bad_loss)
                     window["loss"] += 0.0 if bad_loss else loss.detach().float()
                     window["samples"] += task.batch_size(batch) * accelerator.num_processes
@@ -209,7 +220,7 @@ def train(cfg: BaseRunConfig) -> dict:
                             window["grad_norm"] += accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip).float()
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
-                state.batches_in_epoch += 1
+                state.batches_in_epoch += int(last_replay)
                 if not accelerator.sync_gradients:
                     continue
 
@@ -230,12 +241,15 @@ def train(cfg: BaseRunConfig) -> dict:
                     window_start = time.perf_counter()
                 else:
                     tracker.advance(state.step, {})
+                extra = task.after_update(model, state.step)
+                if extra:
+                    tracker.log(extra, state.step, epoch_progress())
                 if tc.eval_every_steps and state.step % tc.eval_every_steps == 0:
                     evaluate_and_keep_best()
                     model.train()
                 if tc.save_every_steps and state.step % tc.save_every_steps == 0:
                     save_last("periodic")
-                if stop_now:
+                if stop_now and last_replay:  # a replayed batch is finished first, so a resume starts on a new one
                     summary["stopped"] = stop_requested[0] if stop_requested else "max_minutes"
                     break
                 if state.step >= total_steps:
@@ -252,7 +266,11 @@ def train(cfg: BaseRunConfig) -> dict:
             evaluate_and_keep_best()
         if state.step != resumed_step:  # a finished run started again has nothing new to save
             save_last(summary["stopped"])
-        if summary["stopped"] != "finished":
+        if summary["stopped"] == "finished":
+            summary |= task.after_training(run_dir, accelerator)
+        else:
+            if stop_requested and os.environ.get("WANDB_SWEEP_ID"):
+                tracker.mark_preempting()
             tracker.message(f"stopped by {summary['stopped']} at step {state.step}: saved {run_dir / 'checkpoints' / 'last'}; "
                             "run the same command again to resume")
     finally:
@@ -269,6 +287,13 @@ def train(cfg: BaseRunConfig) -> dict:
         tracker.summary({f"best/{best['monitor']}": best["monitor_value"], "best/step": best["step"]})
     accelerator.end_training()
     return summary
+
+
+def replayed(batches, replays: int):
+    """Each batch `replays` times in a row, with a flag on its last time."""
+    for batch in batches:
+        for replay in range(replays):
+            yield batch, replay == replays - 1
 
 
 def ignore_stop_signals(worker_id: int) -> None:

@@ -66,6 +66,16 @@ class Task:
 
         raise UserError(f"task {self.name!r} has no folder inference (infer.py --data)")
 
+    def after_update(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Called on every process after optimizer update `step` (the model in train mode): extra
+        values to log at that step (e.g. an expensive diagnostic every N updates); usually empty."""
+        return {}
+
+    def after_training(self, run_dir, accelerator) -> dict:
+        """Called on every process once a run has finished (not when it was stopped), after the final
+        evaluation and checkpoint: e.g. a demo's report. Returns entries for the run's summary."""
+        return {}
+
     def batch_size(self, batch) -> int:
         return find_batch_size(batch)
 

@@ -120,6 +120,12 @@ class Tracker:
             for key, value in values.items():
                 run.summary[key] = _plain(value)
 
+    def mark_preempting(self) -> None:
+        """Tell W&B this run was stopped from outside, not finished: a sweep requeues such a run
+        when the process also exits non-zero (harness.cli does), and the requeued trial resumes."""
+        if self.active and self._has_wandb():
+            self.accelerator.get_tracker("wandb", unwrap=True).mark_preempting()
+
     def _has_wandb(self) -> bool:
         return any(t.name == "wandb" for t in self.accelerator.trackers)
 

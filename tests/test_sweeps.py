@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, clean_env, read_metrics, run_entry, wandb_log, wandb_run
+from conftest import ROOT, clean_env, read_metrics, run_entry, wandb_log, wandb_records, wandb_run
 from harness import checkpoint as ckpt
 from harness.config import ConfigError, dotted_keys, load_config, schema_for, to_plain_dict
 from harness.runs import find_run_dirs, flatten
@@ -88,7 +90,7 @@ def test_sweep_passes_wandbs_own_validator(path):
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
 def test_sweep_runs_train_py_through_accelerate_and_ranks_by_the_monitored_metric(path):
     sweep = load_sweep(path)
-    assert sweep["program"] == "train.py" and sweep["method"] in ("bayes", "random")
+    assert sweep["program"] == "train.py" and sweep["method"] in ("bayes", "random", "grid")
     command = sweep["command"]
     assert command[:4] == ["${env}", "accelerate", "launch", "train.py"] and command[-1] == "${args}", command
     assert base_config(sweep).is_file(), f"{path.name}: base config {base_config(sweep)} does not exist"
@@ -218,6 +220,25 @@ def test_a_requeued_trial_resumes_its_checkpoint_and_keeps_its_wandb_run(tmp_pat
     assert f"resumed from {run_dir / 'checkpoints' / 'last'} at step {stopped['step']}" in requeued.stdout
     assert ckpt.read_meta(run_dir / "checkpoints" / "last")["reason"] == "finished"
     assert {wandb_run_id(folder) for folder in (run_dir / "wandb").glob("offline-run-*")} == {RUN_ID}
+
+
+def test_a_trial_stopped_by_sigterm_is_marked_preempting_and_exits_non_zero_so_the_sweep_requeues_it(tmp_path):
+    env = clean_env(WANDB_SWEEP_ID=SWEEP_ID, WANDB_RUN_ID=RUN_ID, WANDB_MODE="offline",
+                    WANDB_DATA_DIR=str(tmp_path / "wandb-data"), WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"))
+    args = [base_config(load_sweep(ROOT / "configs" / "sweeps" / "cnn.yaml")), f"--output_dir={tmp_path / 'sweep'}",
+            "--trainer.epochs=40", "--log.every_steps=1"]
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run_dir = tmp_path / "sweep" / RUN_ID
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not ((run_dir / "metrics.jsonl").exists() and read_metrics(run_dir)):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)  # the machine goes away
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert ckpt.read_meta(run_dir / "checkpoints" / "last")["reason"] == "SIGTERM"
+    kinds = [record.WhichOneof("record_type") for record in wandb_records(run_dir)]
+    assert "preempting" in kinds
 
 
 def wandb_run_id(offline_run_folder: Path) -> str:
