@@ -62,20 +62,7 @@ def train(cfg: BaseRunConfig) -> dict:
     task = get_task(cfg.task, cfg)
     tc = cfg.trainer
     run_dir = Path(cfg.output_dir)
-    if tc.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
-
-    accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision,
-        gradient_accumulation_steps=tc.grad_accum_steps,
-        log_with="wandb" if cfg.log.wandb != "disabled" else None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir)),
-        # The seedable sampler makes epoch e's order a function of (seed, e), the same on every
-        # process and after a resume; skipped batches are then skipped in the sampler, unread.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        step_scheduler_with_optimizer=False,  # we step it ourselves, once per real optimizer update
-    )
-    set_seed(cfg.seed, deterministic=tc.deterministic)
+    accelerator = make_accelerator(cfg, log_with="wandb" if cfg.log.wandb != "disabled" else None)
     if tc.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         accelerator.print("note: fp16 autocast has no effect on CPU; use trainer.mixed_precision=bf16 there")
     if accelerator.is_main_process:
@@ -84,26 +71,12 @@ def train(cfg: BaseRunConfig) -> dict:
 
     # ---- data and model -------------------------------------------------------------------------
     train_set, val_set = task.build_datasets(cfg)
-    loader_args = dict(num_workers=tc.num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                       collate_fn=getattr(task, "collate_fn", None), worker_init_fn=ignore_stop_signals)
-    train_loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, drop_last=True,
-                              # Its own generator: creating an iterator must not draw from the global
-                              # RNG, or a resumed run's dropout would diverge from a straight one.
-                              generator=torch.Generator().manual_seed(cfg.seed), **loader_args)
-    val_loader = DataLoader(val_set, batch_size=tc.eval_batch_size or tc.batch_size, shuffle=False, **loader_args)
-    if len(train_loader) == 0:
-        raise ConfigError(f"key 'trainer.batch_size': {tc.batch_size} is larger than the training set ({len(train_set)} samples)")
-
+    train_loader, val_loader = make_loaders(cfg, task, train_set, val_set)
     model = task.build_model(cfg)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model)
-    sam = None
-    if cfg.optim.sam_rho is not None:
-        if tc.grad_accum_steps > 1:
-            raise ConfigError("key 'optim.sam_rho': SAM perturbs the weights with the gradient of the whole update, "
-                              "which grad accumulation splits over micro-batches; use trainer.grad_accum_steps=1")
-        sam = SharpnessAware(model.parameters(), cfg.optim.sam_rho, cfg.optim.sam_adaptive, cfg.optim.sam_eta)
+    sam = make_sam(cfg, model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     raw_model = accelerator.unwrap_model(model)
     if tc.compile:
@@ -287,6 +260,48 @@ def train(cfg: BaseRunConfig) -> dict:
         tracker.summary({f"best/{best['monitor']}": best["monitor_value"], "best/step": best["step"]})
     accelerator.end_training()
     return summary
+
+
+def make_accelerator(cfg, log_with=None) -> Accelerator:
+    """The Accelerator and seeding of a run (shared with the LR finder, which must train alike)."""
+    tc = cfg.trainer
+    if tc.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision,
+        gradient_accumulation_steps=tc.grad_accum_steps,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=str(cfg.output_dir)),
+        # The seedable sampler makes epoch e's order a function of (seed, e), the same on every
+        # process and after a resume; skipped batches are then skipped in the sampler, unread.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        step_scheduler_with_optimizer=False,  # we step it ourselves, once per real optimizer update
+    )
+    set_seed(cfg.seed, deterministic=tc.deterministic)
+    return accelerator
+
+
+def make_loaders(cfg, task, train_set, val_set) -> tuple[DataLoader, DataLoader]:
+    tc = cfg.trainer
+    loader_args = dict(num_workers=tc.num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                       collate_fn=getattr(task, "collate_fn", None), worker_init_fn=ignore_stop_signals)
+    train_loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, drop_last=True,
+                              # Its own generator: creating an iterator must not draw from the global
+                              # RNG, or a resumed run's dropout would diverge from a straight one.
+                              generator=torch.Generator().manual_seed(cfg.seed), **loader_args)
+    val_loader = DataLoader(val_set, batch_size=tc.eval_batch_size or tc.batch_size, shuffle=False, **loader_args)
+    if len(train_loader) == 0:
+        raise ConfigError(f"key 'trainer.batch_size': {tc.batch_size} is larger than the training set ({len(train_set)} samples)")
+    return train_loader, val_loader
+
+
+def make_sam(cfg, model) -> SharpnessAware | None:
+    if cfg.optim.sam_rho is None:
+        return None
+    if cfg.trainer.grad_accum_steps > 1:
+        raise ConfigError("key 'optim.sam_rho': SAM perturbs the weights with the gradient of the whole update, "
+                          "which grad accumulation splits over micro-batches; use trainer.grad_accum_steps=1")
+    return SharpnessAware(model.parameters(), cfg.optim.sam_rho, cfg.optim.sam_adaptive, cfg.optim.sam_eta)
 
 
 def replayed(batches, replays: int):

@@ -34,13 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from harness.cli import run_cli
-from harness.config import ConfigError, UserError, user_message
-from harness.loop import any_process, ignore_stop_signals, replayed, to_channels_last
+from harness.config import UserError, user_message
+from harness.loop import any_process, make_accelerator, make_loaders, make_sam, replayed, to_channels_last
 from harness.optim import build_optimizer
 from harness.sam import SharpnessAware
 from harness.task import get_task
@@ -291,23 +289,9 @@ def lr_find(cfg, start_lr: float = START_LR, end_lr: float = END_LR, steps: int 
     task = get_task(cfg.task, cfg)
     tc = cfg.trainer
     run_dir = Path(cfg.output_dir)
-    if tc.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # The Accelerator and the loaders as harness.loop.train makes them (no trackers: a sweep is not a run).
-    accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision,
-        gradient_accumulation_steps=tc.grad_accum_steps,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        step_scheduler_with_optimizer=False,
-    )
-    set_seed(cfg.seed, deterministic=tc.deterministic)
-    train_set, _ = task.build_datasets(cfg)
-    train_loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, drop_last=True,
-                              generator=torch.Generator().manual_seed(cfg.seed), num_workers=tc.num_workers,
-                              pin_memory=torch.cuda.is_available(), collate_fn=getattr(task, "collate_fn", None),
-                              worker_init_fn=ignore_stop_signals)
-    if len(train_loader) == 0:
-        raise ConfigError(f"key 'trainer.batch_size': {tc.batch_size} is larger than the training set ({len(train_set)} samples)")
+    # The Accelerator and the loader as harness.loop.train makes them (no trackers: a sweep is not a run).
+    accelerator = make_accelerator(cfg)
+    train_loader, _ = make_loaders(cfg, task, *task.build_datasets(cfg))
 
     # A task may write run files from build_model when output_dir is a folder (cnn: parameters.csv,
     # the per-layer grad-norm hooks); a sweep is not a training run and must not add to one, so the
@@ -316,11 +300,7 @@ def lr_find(cfg, start_lr: float = START_LR, end_lr: float = END_LR, steps: int 
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model)
-    sam = None
-    if cfg.optim.sam_rho is not None:
-        if tc.grad_accum_steps > 1:
-            raise ConfigError("key 'optim.sam_rho': SAM needs the gradient of the whole update; use trainer.grad_accum_steps=1")
-        sam = SharpnessAware(model.parameters(), cfg.optim.sam_rho, cfg.optim.sam_adaptive, cfg.optim.sam_eta)
+    sam = make_sam(cfg, model)
     # No torch.compile even with trainer.compile: compiling would take longer than the sweep itself
     # and does not change the losses.
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
