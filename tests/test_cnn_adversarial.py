@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SMOKE_CNN, accelerate_launch, clean_env, read_metrics, run_entry
+from test_cnn_data import accept_written_cifar, gratings, write_cifar
 from cnn.adversarial import FreePerturbation, RobustOutputs, fgsm, pgd
 from cnn.models import create_model
 from harness.config import ConfigError, load_config
@@ -27,15 +28,20 @@ EPS = 0.1
 
 
 @pytest.fixture(scope="module")
-def data():
-    """The smoke config's synthetic training and validation images (float pixels in [0, 1])."""
-    cfg = load_config(SMOKE_CNN, ["output_dir=/nonexistent"])
-    train_set, val_set = get_task("cnn", cfg).build_datasets(cfg)
+def data(tmp_path_factory):
+    """Tiny CIFAR-10 (grating classes 0-3) written as torchvision's python pickles and read back through
+    torchvision's CIFAR10 class, as data.source=cifar10 reads it: float pixels in [0, 1]."""
+    root = tmp_path_factory.mktemp("cifar")
+    with pytest.MonkeyPatch.context() as patch:
+        md5 = write_cifar(root, "cifar10", gratings(256, 32, 3, seed=1), gratings(100, 32, 3, seed=2))
+        accept_written_cifar(patch, "cifar10", md5)
+        cfg = load_config(SMOKE_CNN, ["output_dir=/nonexistent", "data.source=cifar10", f"data.root={root}", "data.val_on_test=true"])
+        train_set, val_set = get_task("cnn", cfg).build_datasets(cfg)
 
-    def stacked(dataset):
-        return torch.stack([dataset[i][0] for i in range(len(dataset))]), torch.tensor([dataset[i][1] for i in range(len(dataset))])
+        def stacked(dataset):
+            return torch.stack([dataset[i][0] for i in range(len(dataset))]), torch.tensor([dataset[i][1] for i in range(len(dataset))])
 
-    return stacked(train_set), stacked(val_set)
+        return stacked(train_set), stacked(val_set)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +49,7 @@ def model(data, one_thread):
     """smoke_cnn trained plainly for 8 epochs (under a second): 100 % clean validation accuracy."""
     (images, labels), _ = data
     torch.manual_seed(0)
-    net = create_model("smoke_cnn", in_channels=3, num_classes=4, width=8)
+    net = create_model("smoke_cnn", in_channels=3, num_classes=10, width=8)
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=5e-4)
     for _ in range(8):
         order = torch.randperm(len(labels))
