@@ -15,7 +15,7 @@ HARNESS_SECTIONS = ("task", "seed", "output_dir", "resume", "trainer", "optim", 
 TABLES = {
     "harness": lambda: markdown_key_table("gwi", HARNESS_SECTIONS),
     "gwi": lambda: markdown_key_table("gwi", ("data", "model", "loss")),
-    "cnn": lambda: markdown_key_table("cnn", ("data", "model", "loss")),
+    "cnn": lambda: markdown_key_table("cnn", ("data", "model", "loss", "adversarial", "diagnostics")),
 }
 BLOCK = re.compile(r"(<!-- keys:(\w+) -->\n).*?(<!-- /keys -->)", re.S)
 
