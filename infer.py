@@ -2,19 +2,61 @@
 
     python infer.py --checkpoint RUN_DIR_OR_CHECKPOINT [--checkpoint ...] [--data DIR --out FILE]
                     [--tta flip] [--batch-size N] [--num-workers W] [--save-predictions FILE.npy]
-                    [key=value ...]
+                    [--physics-misfit] [--refine-steps N [--refine-tv LAMBDA] [--refine-lr LR]]
+                    [--physics-batch-size N] [--physics-csv FILE] [key=value ...]
 
 A run directory means its best checkpoint; several --checkpoint are averaged into one ensemble.
 With --data, the task predicts for that folder (gwi: a test folder -> the Kaggle submission CSV at
 --out; a labelled folder -> MAE overall and per family, and with --save-predictions the
 predictions as .npy). Without --data, the ensemble is evaluated on the validation data of the
 first checkpoint's config (key=value overrides change it). Results are printed as JSON.
+
+Physics (gwi, with --data; gwi/physics/fwi.py), on the GPU when there is one: --physics-misfit
+re-simulates every predicted map and reports the normalised misfit ||F(v) - d|| / ||d|| against
+the file's seismic (mean in the JSON, per sample in --physics-csv, by default <out>_physics.csv
+next to --out). --refine-steps N first refines the maps by N steps of full-waveform inversion
+(Adam on the misfit + LAMBDA * total variation, within [1500, 4500] m/s); the refined maps are
+written / scored, and the misfit before and after is reported. Slow: ~10-30 s per map and step
+on a CPU.
 """
 import argparse
 import sys
+from pathlib import Path
 
 from harness.config import UserError, user_message
 from harness.inference import evaluate_checkpoints, predict_folder, print_json
+
+
+def number(kind: type, low: float, strict: bool = False):
+    """An argparse type: a `kind` (int or float) >= low (> low when strict)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if value < low or (strict and value == low) or value != value:  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"expected a value {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+    return parse
+
+
+def physics_options(args) -> dict | None:
+    """The physics flags as the task's options (gwi.submission.PhysicsOptions, which checks their
+    values and holds the defaults), or None when none was asked for; the per-sample CSV defaults
+    to <out>_physics.csv next to --out. A flag that would do nothing is an error, not ignored."""
+    if not args.refine_steps and (args.refine_tv is not None or args.refine_lr is not None):
+        raise UserError("--refine-tv / --refine-lr: they only act with --refine-steps N")
+    if not (args.physics_misfit or args.refine_steps):
+        if args.physics_batch_size is not None or args.physics_csv is not None:
+            raise UserError("--physics-batch-size / --physics-csv: they only act with --physics-misfit or --refine-steps")
+        return None
+    csv = args.physics_csv
+    if csv is None and args.out:
+        out = Path(args.out)
+        csv = str(out.with_name(out.stem + "_physics.csv"))
+    options = {"misfit": args.physics_misfit, "refine_steps": args.refine_steps, "refine_tv": args.refine_tv,
+               "refine_lr": args.refine_lr, "batch_size": args.physics_batch_size, "csv": csv}
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def main(argv: list[str]) -> int:
@@ -26,13 +68,28 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--save-predictions", help="labelled --data: also save the predictions (.npy)")
+    physics = parser.add_argument_group("physics (gwi, with --data)")
+    physics.add_argument("--physics-misfit", action="store_true", help="report the normalised seismic misfit of the maps")
+    physics.add_argument("--refine-steps", type=number(int, 0), default=0, metavar="N",
+                         help="FWI steps from the network's maps (0: none)")
+    physics.add_argument("--refine-tv", type=number(float, 0), metavar="LAMBDA",
+                         help="weight of the total variation (default 1; with 0 the misfit falls but the MAE rose in our tests)")
+    physics.add_argument("--refine-lr", type=number(float, 0, strict=True), metavar="LR",
+                         help="Adam's step on the map scaled to [0, 1] (default 0.005: 15 m/s)")
+    physics.add_argument("--physics-batch-size", type=number(int, 1), metavar="N",
+                         help="maps simulated / refined together (default: --batch-size for the misfit; "
+                              "refinement 1 on a CPU, 16 on a GPU)")
+    physics.add_argument("--physics-csv", metavar="FILE", help="per-sample misfits (default: <out>_physics.csv next to --out)")
     parser.add_argument("overrides", nargs="*", help="key=value changes to the checkpoint's config")
     args = parser.parse_args(argv)
     try:
+        physics = physics_options(args)
         if args.data:
             result = predict_folder(args.checkpoint, args.data, args.out, args.tta, args.batch_size, args.num_workers,
-                                    args.save_predictions, args.overrides)
+                                    args.save_predictions, args.overrides, physics)
         else:
+            if physics:
+                raise UserError("--physics-misfit / --refine-steps: give --data (a folder of seismic to simulate against)")
             result = evaluate_checkpoints(args.checkpoint, args.overrides, args.batch_size)
     except UserError as err:
         print(f"error: {user_message(err)}", file=sys.stderr)

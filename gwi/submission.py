@@ -6,10 +6,17 @@ and the odd columns x_1, x_3, ..., x_69: 65,818 files make 4.6 million rows and 
 so values are formatted by numpy in bulk (fixed width, 0.1 m/s: far below any error that matters)
 and only ids are joined per row. The CSV is written to a temporary file, validated (header, row
 count, ids, field counts, finite values), and only then renamed into place.
+
+Physics (infer.py --physics-misfit / --refine-steps; `PhysicsOptions`, gwi/physics/fwi.py): the
+predicted maps are re-simulated and compared with each file's seismic (the normalised misfit), and
+optionally refined by full-waveform inversion before they are written or scored. Means go into the
+result, per-sample values into a CSV.
 """
 from __future__ import annotations
 
+import csv
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from gwi.data import SeismicPairs
+from gwi.physics.fwi import DEFAULT_LR, refine, seismic_misfit
 from gwi.layout import SEISMIC_SAMPLE_SHAPE, find_pairs
 from harness.config import UserError
 
@@ -96,28 +104,154 @@ def validate_submission(path: Path, ids: list[str]) -> None:
         raise UserError(f"{path}: {count} rows, expected {len(ids) * ROWS_PER_FILE} ({len(ids)} files x 70)")
 
 
+# ---- physics: misfit and refinement -------------------------------------------------------------------
+
+
+# Maps refined together unless --physics-batch-size says otherwise. The gradient's autograd path
+# keeps ~4 fields of 5 x 310 x 310 per time step of the block being recomputed plus the blocks'
+# boundaries: ~0.5 GB per map live, but ~4 GB of RSS per map on a CPU (the allocator's share), where
+# batching gains nothing anyway (the threads already share each map's grid). A GPU wants batches.
+REFINE_BATCH_CPU, REFINE_BATCH_CUDA = 1, 16
+
+
+@dataclass(frozen=True)
+class PhysicsOptions:
+    """infer.py's physics flags. misfit: report the misfit of the maps written / scored; refine_steps:
+    FWI steps from the network's maps first (then the misfit before and after is reported);
+    refine_tv, refine_lr: the TV weight and Adam's step (gwi/physics/fwi.py); batch_size: maps
+    simulated / refined together (default: the prediction batch for the misfit; REFINE_BATCH_CPU /
+    _CUDA for refinement); csv: per-sample values."""
+
+    misfit: bool = False
+    refine_steps: int = 0
+    refine_tv: float = 1.0  # without TV the misfit falls but the MAE rose in every test we ran (gwi/physics/fwi.py)
+    refine_lr: float = DEFAULT_LR
+    batch_size: int | None = None
+    csv: str | None = None
+
+    def __post_init__(self):
+        if int(self.refine_steps) != self.refine_steps or self.refine_steps < 0:
+            raise UserError(f"--refine-steps must be a non-negative integer, got {self.refine_steps}")
+        if not self.refine_tv >= 0:
+            raise UserError(f"--refine-tv must be >= 0, got {self.refine_tv}")
+        if not self.refine_lr > 0:
+            raise UserError(f"--refine-lr must be positive, got {self.refine_lr}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError(f"--physics-batch-size must be at least 1, got {self.batch_size}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.misfit or self.refine_steps > 0
+
+
+class PhysicsReport:
+    """Applies the physics options batch by batch (`apply`), keeps one row per sample, and ends with
+    the result's entries (`summary`) and the per-sample CSV."""
+
+    def __init__(self, options: PhysicsOptions, samples: int, device):
+        self.options, self.device = options, device
+        self.refining = options.refine_steps > 0
+        self.refine_batch = REFINE_BATCH_CUDA if torch.device(device).type == "cuda" else REFINE_BATCH_CPU
+        self.rows: list[dict] = []
+        # One bar for the whole folder: refinement is the slow part (seconds per map and step on a CPU).
+        self.bar = tqdm(total=samples * options.refine_steps, desc="refine", unit="map-step") if self.refining else None
+
+    def apply(self, predicted: torch.Tensor, seismic: torch.Tensor, names: list[str], truth: torch.Tensor | None = None):
+        """predicted (B, 1, 70, 70) m/s, seismic (B, 5, 1000, 70), both on the device -> the maps to
+        write / score: the refined ones with refine_steps, else `predicted`. truth: a labelled
+        folder's maps (CPU), for the MAE before refinement."""
+        observed = seismic.float()
+        zero = (observed.flatten(1).abs().amax(dim=1) == 0).nonzero().flatten().tolist()
+        if zero:
+            raise UserError(f"{names[zero[0]]}: the seismic is all zeros, so its physics misfit is undefined")
+        batch = self.options.batch_size or len(predicted)
+        misfit = network_misfit = seismic_misfit(predicted, observed, batch_size=batch, device=self.device).cpu()
+        final = predicted
+        if self.refining:
+            final = refine(predicted, observed, self.options.refine_steps, tv_weight=self.options.refine_tv,
+                           lr=self.options.refine_lr, batch_size=self.options.batch_size or self.refine_batch,
+                           device=self.device, progress=self.bar)
+            misfit = seismic_misfit(final, observed, batch_size=batch, device=self.device).cpu()
+        if truth is not None:
+            error, network_error = (final.cpu() - truth).abs(), (predicted.cpu() - truth).abs()
+        for i, name in enumerate(names):
+            row = {"id": name, "misfit": float(misfit[i])}
+            if self.refining:
+                row["misfit_before_refine"] = float(network_misfit[i])
+            if truth is not None:
+                row |= {"mae": float(error[i].mean()), "mae_odd": float(error[i][..., 1::2].mean())}
+                if self.refining:
+                    row["mae_before_refine"] = float(network_error[i].mean())
+                    row["mae_odd_before_refine"] = float(network_error[i][..., 1::2].mean())
+            self.rows.append(row)
+        return final
+
+    def summary(self) -> dict:
+        """Means over the samples, the refinement's settings, and the CSV's path (written here)."""
+        if self.bar is not None:
+            self.bar.close()
+        columns = list(self.rows[0])
+        result = {key: float(np.mean([row[key] for row in self.rows])) for key in columns
+                  if key in ("misfit", "misfit_before_refine", "mae_before_refine", "mae_odd_before_refine")}
+        if self.refining:
+            result["refine"] = {"steps": self.options.refine_steps, "tv_weight": self.options.refine_tv,
+                                "lr": self.options.refine_lr}
+        if self.options.csv:
+            path = Path(self.options.csv)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
+                writer.writeheader()
+                writer.writerows({k: v if k == "id" else f"{v:.6g}" for k, v in row.items()} for row in self.rows)
+            os.replace(tmp, path)
+            result["physics_csv"] = str(path)
+        return result
+
+
+def _physics(physics, samples: int, device) -> PhysicsReport | None:
+    """A PhysicsReport for `physics` (PhysicsOptions, or a dict of its fields as infer.py passes
+    them), or None when no physics was asked for."""
+    if isinstance(physics, dict):
+        physics = PhysicsOptions(**physics)
+    return PhysicsReport(physics, samples, device) if physics is not None and physics.enabled else None
+
+
+# ---- predicting folders ---------------------------------------------------------------------------------
+
+
 @torch.no_grad()
-def write_submission(task, model, folder: Path, out: Path, batch_size: int, num_workers: int, device) -> dict:
+def write_submission(task, model, folder: Path, out: Path, batch_size: int, num_workers: int, device,
+                     physics: PhysicsOptions | dict | None = None) -> dict:
     dataset = TestFiles(folder)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
+    report = _physics(physics, len(dataset), device)
     with open(tmp, "wb") as handle:
         handle.write(HEADER.encode())
         for seismic, index in tqdm(loader, desc="predict", unit="batch", total=len(loader)):
-            velocity = task.predict(model, (seismic.to(device, non_blocking=True),))
-            handle.write(format_rows([dataset.ids[i] for i in index.tolist()], velocity[:, 0].cpu().numpy()))
+            seismic = seismic.to(device, non_blocking=True)
+            velocity = task.predict(model, (seismic,))
+            ids = [dataset.ids[i] for i in index.tolist()]
+            if report is not None:
+                velocity = report.apply(velocity, seismic, ids)
+            handle.write(format_rows(ids, velocity[:, 0].cpu().numpy()))
     validate_submission(tmp, dataset.ids)
     os.replace(tmp, out)
-    return {"files": len(dataset), "rows": len(dataset) * ROWS_PER_FILE, "submission": str(out)}
+    result = {"files": len(dataset), "rows": len(dataset) * ROWS_PER_FILE, "submission": str(out)}
+    if report is not None:
+        result |= report.summary()
+    return result
 
 
 @torch.no_grad()
 def evaluate_folder(task, model, folder: Path, batch_size: int, num_workers: int, device,
-                    save_predictions: Path | None = None) -> dict:
+                    save_predictions: Path | None = None, physics: PhysicsOptions | dict | None = None) -> dict:
     """MAE (all columns, odd columns, per family) on a labelled folder in the training layout;
-    optionally the predictions as a (N, 1, 70, 70) float32 .npy in dataset order (out-of-fold)."""
+    optionally the predictions as a (N, 1, 70, 70) float32 .npy in dataset order (out-of-fold).
+    With refinement (`physics`), the refined maps are the ones scored and saved."""
     pairs = find_pairs([folder])
     families = sorted({p.family for p in pairs})
     dataset = SeismicPairs(pairs, families)
@@ -126,9 +260,18 @@ def evaluate_folder(task, model, folder: Path, batch_size: int, num_workers: int
         if save_predictions else None
     sums = {"mae": 0.0, "mae_odd": 0.0, **{f"mae_{f}": 0.0 for f in families}}
     counts = {f: 0 for f in families}
+    report = _physics(physics, len(dataset), device)
     start = 0
     for seismic, velocity, family in tqdm(loader, desc="evaluate", unit="batch"):
-        predicted = task.predict(model, (seismic.to(device),)).cpu()
+        seismic = seismic.to(device)
+        predicted = task.predict(model, (seismic,))
+        if report is not None:
+            names = []
+            for index in range(start, start + len(predicted)):  # "<family>/<file stem>:<row>"
+                pair, row = dataset.locate(index)
+                names.append(f"{dataset.pairs[pair].name}:{row}")
+            predicted = report.apply(predicted, seismic, names, truth=velocity)
+        predicted = predicted.cpu()
         error = (predicted - velocity).abs().flatten(1)
         sums["mae"] += error.mean(1).sum().item()
         sums["mae_odd"] += (predicted - velocity)[..., 1::2].abs().flatten(1).mean(1).sum().item()
@@ -145,4 +288,6 @@ def evaluate_folder(task, model, folder: Path, batch_size: int, num_workers: int
     result |= {f"mae_{f}": sums[f"mae_{f}"] / counts[f] for f in families if counts[f]}
     if save_predictions:
         result["predictions"] = str(save_predictions)
+    if report is not None:
+        result |= report.summary()
     return result

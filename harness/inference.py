@@ -77,14 +77,18 @@ def print_json(values: dict) -> None:
 
 
 def predict_folder(paths: list[str], data: str, out: str | None, tta: str, batch_size: int | None,
-                   num_workers: int, save_predictions: str | None, overrides: list[str] = ()) -> dict:
+                   num_workers: int, save_predictions: str | None, overrides: list[str] = (),
+                   physics: dict | None = None) -> dict:
     """The ensemble's predictions for a folder of data, in the task's own format (the task's
-    `predict_folder`: e.g. a Kaggle submission, or metrics of a labelled folder)."""
+    `predict_folder`: e.g. a Kaggle submission, or metrics of a labelled folder). `physics`: the
+    task's physics options (gwi: misfit / refinement, `gwi.submission.PhysicsOptions`), passed on
+    only when given, on the same device as the model."""
     task, cfg, model = load_ensemble(paths, overrides)
     task.tta = tta
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.mixed_precision)
+    extra = {"physics": physics} if physics else {}
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda"):
         return task.predict_folder(model, data, out, batch_size=batch_size or cfg.trainer.eval_batch_size or cfg.trainer.batch_size,
-                                   num_workers=num_workers, device=device, save_predictions=save_predictions)
+                                   num_workers=num_workers, device=device, save_predictions=save_predictions, **extra)
