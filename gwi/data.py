@@ -1,5 +1,5 @@
-"""Data for the gwi task: where samples come from (`data.source`), the datasets that serve them, and
-the seismic preparation every model input goes through.
+"""Data for the gwi task: where samples come from (`data.source`: synthetic, simulated (gwi/demo.py)
+or files), the datasets that serve them, and the seismic preparation every model input goes through.
 
 Datasets serve *raw* seismic, in the dtype it has on disk (float16 files stay float16 through the
 DataLoader: half the bytes), with the training-only mirror augmentation. Preparation (time-axis
@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gwi import synthetic
+from gwi.demo import simulated_data
 from gwi.layout import FilePair, find_pairs, split_pairs
 from harness.config import UserError
 
@@ -184,6 +185,10 @@ def build_datasets(data, seed: int) -> tuple[SeismicPairs, SeismicPairs]:
         # Different seeds per split, so validation maps are never training maps.
         train = [ArrayPair("synthetic", *synthetic_samples(data.num_train, [data.synth_seed, 0], data.time_steps))]
         val = [ArrayPair("synthetic", *synthetic_samples(data.num_val, [data.synth_seed, 1], data.time_steps))]
+    elif data.source == "simulated":
+        # Simulated once into data.cache_dir (the OpenFWI layout), then read like any files.
+        folder = simulated_data(data)
+        train, val = find_pairs([folder / "train"]), find_pairs([folder / "val"])
     elif data.source == "files":
         if not data.roots:
             raise UserError("key 'data.roots': data.source=files needs at least one folder of training data")
@@ -195,6 +200,6 @@ def build_datasets(data, seed: int) -> tuple[SeismicPairs, SeismicPairs]:
                 raise UserError(f"key 'data.folds': no family under {', '.join(data.roots)} has two files, so nothing "
                                 "is left to validate on; add files or set data.val_roots")
     else:
-        raise ValueError(f"unknown gwi data source {data.source!r}; known: synthetic, files")
+        raise ValueError(f"unknown gwi data source {data.source!r}; known: synthetic, simulated, files")
     families = sorted({p.family for p in train + val})
     return SeismicPairs(train, families, flip=data.flip, seed=seed), SeismicPairs(val, families)

@@ -15,29 +15,47 @@ from pydantic import AfterValidator, Field, field_validator
 from torch import nn
 
 from gwi.data import RAW_TIME_STEPS, SeismicInput, SeismicPairs, build_datasets
+from gwi.demo import report
 from gwi.submission import evaluate_folder, is_test_folder, write_submission
 from gwi.models import (VELOCITY_MAX, VELOCITY_MIN, check_pretrained_path, create_model, known_models, resolve_decoder_channels,
                         resolve_drop_path, resolve_encoder)
+from gwi.physics.velocity import FAMILIES
 from harness.config import UserError
 from harness.task import Section, Task, register_task
 
 
 class GwiData(Section):
-    source: Literal["synthetic", "files"] = Field(
-        "synthetic", description="synthetic: generated layered maps (gwi/synthetic.py); files: OpenFWI/Kaggle .npy pairs under data.roots")
+    source: Literal["synthetic", "simulated", "files"] = Field(
+        "synthetic", description="synthetic: generated layered maps, cheap surrogate seismic (gwi/synthetic.py); simulated: "
+        "OpenFWI-like maps and simulated seismic, made once into data.cache_dir, plus a scored test set (gwi/demo.py); "
+        "files: OpenFWI/Kaggle .npy pairs under data.roots")
     roots: list[str] = Field([], description="files: folders of family folders (Kaggle train_samples/, OpenFWI, converted copies)")
     val_roots: list[str] = Field([], description="files: validate on these folders instead of a fold of data.roots")
     folds: int = Field(5, ge=2, description="files: file-level folds, stratified by family")
     fold: int = Field(0, ge=0, description="files: the fold that validates")
     split_seed: int = Field(0, description="files: seed of the fold assignment")
-    num_train: int = Field(256, ge=1, description="synthetic: training samples")
-    num_val: int = Field(64, ge=1, description="synthetic: validation samples")
+    num_train: int = Field(256, ge=1, description="synthetic, simulated: training samples (simulated: split evenly over data.families)")
+    num_val: int = Field(64, ge=1, description="synthetic, simulated: validation samples")
+    num_test: int = Field(48, ge=0, description="simulated: test samples in the Kaggle test layout, predicted and scored after training; 0 = none")
+    families: list[str] = Field(["FlatVel_A", "CurveVel_A"], min_length=1,
+                                description="simulated: velocity families of gwi.physics.velocity: " + ", ".join(FAMILIES))
+    cache_dir: str = Field("data/simulated", description="simulated: one folder per (families, sizes, seed) under this; reused when complete")
     time_steps: int = Field(RAW_TIME_STEPS, ge=8, le=RAW_TIME_STEPS,
                             description="area-resize the 1000 time samples to this many; 1000 = no reduction")
     normalize: Literal["log_minmax", "standardize"] = Field(
         "log_minmax", description="log_minmax: OpenFWI's signed log scaled by fixed constants; standardize: per sample")
     flip: bool = Field(True, description="training only: mirror a sample (receivers, source order, map columns) with probability 1/2")
-    synth_seed: int = Field(0, ge=0, description="synthetic: seed of the generated data (train and val use different streams)")
+    synth_seed: int = Field(0, ge=0, description="synthetic, simulated: seed of the generated data (train, val and test never share a sample)")
+
+    @field_validator("families")
+    @classmethod
+    def _known_families(cls, families: list[str]) -> list[str]:
+        unknown = [f for f in families if f not in FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown families {', '.join(map(repr, unknown))}; known: {', '.join(FAMILIES)}")
+        if len(set(families)) != len(families):
+            raise ValueError(f"{families}: a family is listed twice")
+        return families
 
 
 class GwiModel(Section):
@@ -145,6 +163,14 @@ class GwiTask(Task):
         if self.tta == "flip":  # the mirrored sample's prediction, mirrored back
             velocity = (velocity + model(seismic.flip(dims=(1, 3))).float().flip(dims=(3,))) / 2
         return velocity
+
+    def after_training(self, run_dir, accelerator) -> dict:
+        """The demo's report on simulated data: the best checkpoint predicts the simulated test set
+        into <run_dir>/submission.csv, which is scored (test MAE) and pictured (predictions.png);
+        see gwi.demo. Nothing for other data sources."""
+        if self.cfg.data.source != "simulated":
+            return {}
+        return report(self.cfg, Path(run_dir), accelerator)
 
     def predict_folder(self, model: nn.Module, folder: str, out: str | None, **options) -> dict:
         """A test folder (`<id>.npy` files) -> the Kaggle submission CSV at `out`; a labelled folder
