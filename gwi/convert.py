@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from gwi.layout import MANIFEST, FilePair, find_pairs
+from gwi.layout import MANIFEST, find_pairs
 from harness.config import UserError
 
 CHUNK = 50  # samples converted at a time: bounds memory to ~70 MB whatever the file size

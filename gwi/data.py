@@ -19,8 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gwi import synthetic
-from gwi.demo import simulated_data
-from gwi.layout import FilePair, find_pairs, split_pairs
+from gwi.layout import find_pairs, split_pairs
 from harness.config import UserError
 
 RAW_TIME_STEPS = 1000  # samples per trace in OpenFWI (1 s at 1 ms)
@@ -187,6 +186,10 @@ def build_datasets(data, seed: int) -> tuple[SeismicPairs, SeismicPairs]:
         val = [ArrayPair("synthetic", *synthetic_samples(data.num_val, [data.synth_seed, 1], data.time_steps))]
     elif data.source == "simulated":
         # Simulated once into data.cache_dir (the OpenFWI layout), then read like any files.
+        # Imported here: gwi.demo needs gwi.physics.synth, and `python -m gwi.physics.synth` imports
+        # this package first (runpy warns when the module it runs was already imported).
+        from gwi.demo import simulated_data
+
         folder = simulated_data(data)
         train, val = find_pairs([folder / "train"]), find_pairs([folder / "val"])
     elif data.source == "files":

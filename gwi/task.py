@@ -15,7 +15,6 @@ from pydantic import AfterValidator, Field, field_validator
 from torch import nn
 
 from gwi.data import RAW_TIME_STEPS, SeismicInput, SeismicPairs, build_datasets
-from gwi.demo import report
 from gwi.submission import evaluate_folder, is_test_folder, write_submission
 from gwi.models import (VELOCITY_MAX, VELOCITY_MIN, check_pretrained_path, create_model, known_models, resolve_decoder_channels,
                         resolve_drop_path, resolve_encoder)
@@ -170,6 +169,8 @@ class GwiTask(Task):
         see gwi.demo. Nothing for other data sources."""
         if self.cfg.data.source != "simulated":
             return {}
+        from gwi.demo import report  # imported when used, like gwi.data's simulated_data
+
         return report(self.cfg, Path(run_dir), accelerator)
 
     def predict_folder(self, model: nn.Module, folder: str, out: str | None, **options) -> dict:
