@@ -223,6 +223,7 @@ def test_infer_physics_misfit_on_a_test_folder(tmp_path, trained_run):
     assert 0.05 < expected.min() and expected.max() < 2  # a barely trained network: far from the data, not absurd
 
 
+@pytest.mark.slow  # a full-size gradient on a CPU: ~30 s (make test-all runs it)
 def test_infer_refines_a_labelled_folder(tmp_path, trained_run):
     """One refinement step of one full-size map: the refined map is the one scored and saved; the
     misfit and MAE before and after are those of the network's and the saved maps; Adam's first

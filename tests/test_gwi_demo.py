@@ -212,6 +212,7 @@ def test_an_interrupted_cache_is_completed_and_a_foreign_one_refused(demo, tmp_p
         simulate(data)
 
 
+@pytest.mark.slow  # two processes: ~12 s (make test-all runs it)
 def test_two_processes_simulate_once_and_report_once(tmp_path):
     """Only the main process simulates (the other waits, then reads) and reports; both exit."""
     # 3 samples a process and batch 1: the 6 updates onecycle needs.
