@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from gwi.layout import SEISMIC_SAMPLE_SHAPE, VELOCITY_SAMPLE_SHAPE, find_pairs
 from gwi.physics import OPENFWI_SOURCES, forward_model
-from gwi.physics.synth import PER_FILE, Shard, shard_velocity
+from gwi.physics.synth import PER_FILE, Shard, save_atomic, shard_velocity
 from harness.config import UserError
 
 SPLITS = ("train", "val", "test")
@@ -142,15 +142,6 @@ def is_written(folder: Path, piece: Piece, seed: int) -> bool:
     return True
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    # A temporary name, then a rename: an interrupted run never leaves a partial file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
-
-
 def _check_spec(folder: Path, expected: dict) -> None:
     path = folder / SPEC_FILE
     if not path.is_file():
@@ -194,7 +185,7 @@ def simulate(data) -> list[Piece]:
             else:
                 arrays = [seismic.astype(TRAIN_SEISMIC_DTYPE), velocity]
             for (path, _, _), array in zip(files, arrays):
-                _save_atomic(path, array)
+                save_atomic(path, array)
     return todo
 
 

@@ -119,6 +119,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def gwi_smoke_run(tmp_path_factory):
+    """A gwi smoke run trained once for the whole session (one epoch); tests only read it."""
+    from harness.config import load_config
+    from harness.loop import train
+
+    run = tmp_path_factory.mktemp("gwi_run")
+    train(load_config(SMOKE_GWI, [f"output_dir={run}", "trainer.epochs=1", "log.wandb=disabled", "data.time_steps=64",
+                                  "log.plot=false"]))
+    return run
+
+
 @pytest.fixture
 def smoke_cnn_args(tmp_path):
     """CLI args for a fast cnn smoke run writing into a fresh temporary output_dir."""

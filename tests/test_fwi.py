@@ -16,13 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SMOKE_GWI, clean_env, run_entry
+from conftest import clean_env, run_entry
 from gwi.physics import forward_model
 from gwi.physics.fwi import refine, seismic_misfit, total_variation
 from gwi.physics.velocity import generate
-from harness.config import load_config
 from harness.inference import load_ensemble
-from harness.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -184,21 +182,13 @@ def test_refinement_is_per_sample_whatever_the_batching_and_checkpointing(proble
 # ---- infer.py -----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("gwi_run")
-    train(load_config(SMOKE_GWI, [f"output_dir={run}", "trainer.epochs=1", "log.wandb=disabled", "data.time_steps=64",
-                                  "log.plot=false"]))
-    return run
-
-
 def network_prediction(run, seismic: np.ndarray) -> torch.Tensor:
     task, _, model = load_ensemble([str(run)])
     with torch.no_grad():
         return task.predict(model.eval(), (torch.from_numpy(seismic),))
 
 
-def test_infer_physics_misfit_on_a_test_folder(tmp_path, trained_run):
+def test_infer_physics_misfit_on_a_test_folder(tmp_path, gwi_smoke_run):
     """Two full-size test files simulated from OpenFWI-like maps: the reported misfits (mean in the
     JSON, per file in <out>_physics.csv) are those of the network's maps against the files."""
     maps = generate("FlatVel_A", 2, 0)
@@ -209,11 +199,11 @@ def test_infer_physics_misfit_on_a_test_folder(tmp_path, trained_run):
     for file_id, sample in zip(ids, seismic):
         np.save(test_dir / f"{file_id}.npy", sample)
     out = tmp_path / "submission.csv"
-    result = run_entry("infer.py", "--checkpoint", trained_run, "--data", test_dir, "--out", out, "--physics-misfit",
+    result = run_entry("infer.py", "--checkpoint", gwi_smoke_run, "--data", test_dir, "--out", out, "--physics-misfit",
                        "--num-workers", "0")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    expected = seismic_misfit(network_prediction(trained_run, seismic), seismic).numpy()
+    expected = seismic_misfit(network_prediction(gwi_smoke_run, seismic), seismic).numpy()
     assert report["misfit"] == pytest.approx(expected.mean(), rel=1e-5)
     assert report["physics_csv"] == str(tmp_path / "submission_physics.csv") and "refine" not in report
     with open(report["physics_csv"]) as handle:
@@ -224,7 +214,7 @@ def test_infer_physics_misfit_on_a_test_folder(tmp_path, trained_run):
 
 
 @pytest.mark.slow  # a full-size gradient on a CPU: ~30 s (make test-all runs it)
-def test_infer_refines_a_labelled_folder(tmp_path, trained_run):
+def test_infer_refines_a_labelled_folder(tmp_path, gwi_smoke_run):
     """One refinement step of one full-size map: the refined map is the one scored and saved; the
     misfit and MAE before and after are those of the network's and the saved maps; Adam's first
     step moves every cell by lr (15 m/s) or not at all."""
@@ -236,12 +226,12 @@ def test_infer_refines_a_labelled_folder(tmp_path, trained_run):
     saved, table = tmp_path / "refined.npy", tmp_path / "physics.csv"
     # One thread: the autograd path's many small ops slow down many times over when two OpenMP
     # threads compete with other work for two cores.
-    result = run_entry("infer.py", "--checkpoint", trained_run, "--data", tmp_path / "labelled", "--refine-steps", "1",
+    result = run_entry("infer.py", "--checkpoint", gwi_smoke_run, "--data", tmp_path / "labelled", "--refine-steps", "1",
                        "--save-predictions", saved, "--physics-csv", table, "--num-workers", "0",
                        env=clean_env(OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    refined, network = torch.from_numpy(np.load(saved)), network_prediction(trained_run, seismic)
+    refined, network = torch.from_numpy(np.load(saved)), network_prediction(gwi_smoke_run, seismic)
     truth = torch.from_numpy(velocity)
     assert report["refine"] == {"steps": 1, "tv_weight": 1.0, "lr": 0.005}
     assert report["mae"] == pytest.approx(mae(refined, truth).item(), rel=1e-5)

@@ -8,24 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMOKE_GWI, run_entry
+from conftest import run_entry
 from gwi.data import SeismicPairs
 from gwi.layout import find_pairs
 from gwi.submission import HEADER, format_rows, validate_submission
 from gwi_files import write_test_dir, write_tree
-from harness.config import UserError, load_config
+from harness.config import UserError
 from harness.inference import load_ensemble
-from harness.loop import train
 
 TEST_IDS = ["000039dca2", "0a1b2c3d4e", "ffe0c1d2b3"]
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("gwi_run")
-    train(load_config(SMOKE_GWI, [f"output_dir={run}", "trainer.epochs=1", "log.wandb=disabled", "data.time_steps=64",
-                                  "log.plot=false"]))
-    return run
 
 
 def test_format_rows_is_the_kaggle_layout():
@@ -39,10 +30,10 @@ def test_format_rows_is_the_kaggle_layout():
     assert HEADER.startswith("oid_ypos,x_1,x_3,") and HEADER.endswith(",x_67,x_69\n")
 
 
-def test_submission_for_a_test_folder_matches_the_model_and_is_validated(tmp_path, trained_run):
+def test_submission_for_a_test_folder_matches_the_model_and_is_validated(tmp_path, gwi_smoke_run):
     test_dir = write_test_dir(tmp_path / "test", TEST_IDS)
     out = tmp_path / "sub" / "submission.csv"
-    result = run_entry("infer.py", "--checkpoint", trained_run, "--data", test_dir, "--out", out, "--tta", "flip",
+    result = run_entry("infer.py", "--checkpoint", gwi_smoke_run, "--data", test_dir, "--out", out, "--tta", "flip",
                        "--batch-size", "2", "--num-workers", "0")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["rows"] == 3 * 70
@@ -51,7 +42,7 @@ def test_submission_for_a_test_folder_matches_the_model_and_is_validated(tmp_pat
     assert [line.split(",")[0] for line in lines[1:71:69]] == ["000039dca2_y_0", "000039dca2_y_69"]
     submitted = np.array([line.split(",")[1:] for line in lines[1:]], dtype=np.float64).reshape(3, 70, 35)
 
-    task, _, model = load_ensemble([str(trained_run)])
+    task, _, model = load_ensemble([str(gwi_smoke_run)])
     task.tta = "flip"
     seismic = torch.stack([torch.from_numpy(np.load(test_dir / f"{i}.npy")) for i in TEST_IDS])
     with torch.no_grad():
@@ -84,10 +75,10 @@ def _write(path, ids):
     return path
 
 
-def test_labelled_folder_reports_per_family_mae_and_saves_predictions(tmp_path, trained_run):
+def test_labelled_folder_reports_per_family_mae_and_saves_predictions(tmp_path, gwi_smoke_run):
     tree = write_tree(tmp_path / "labelled")
     saved = tmp_path / "oof.npy"
-    result = run_entry("infer.py", "--checkpoint", trained_run, "--data", tree, "--save-predictions", saved, "--num-workers", "0")
+    result = run_entry("infer.py", "--checkpoint", gwi_smoke_run, "--data", tree, "--save-predictions", saved, "--num-workers", "0")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     predictions = np.load(saved)
@@ -101,15 +92,15 @@ def test_labelled_folder_reports_per_family_mae_and_saves_predictions(tmp_path, 
     assert report["mae_odd"] == pytest.approx(np.abs(predictions - truth)[..., 1::2].mean(), rel=1e-5)
 
 
-def test_test_folder_errors_name_the_problem(tmp_path, trained_run):
+def test_test_folder_errors_name_the_problem(tmp_path, gwi_smoke_run):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "FlatVel_A").mkdir()
-    result = run_entry("infer.py", "--checkpoint", trained_run, "--data", empty, "--out", tmp_path / "s.csv")
+    result = run_entry("infer.py", "--checkpoint", gwi_smoke_run, "--data", empty, "--out", tmp_path / "s.csv")
     assert result.returncode == 2 and "no training data found" in result.stderr
     bad = write_test_dir(tmp_path / "bad", ["aaa"])
     np.save(bad / "bbb.npy", np.zeros((5, 999, 70), np.float32))
-    result = run_entry("infer.py", "--checkpoint", trained_run, "--data", bad, "--out", tmp_path / "s.csv", "--num-workers", "1")
+    result = run_entry("infer.py", "--checkpoint", gwi_smoke_run, "--data", bad, "--out", tmp_path / "s.csv", "--num-workers", "1")
     assert result.returncode == 2 and "bbb.npy: shape (5, 999, 70), expected (5, 1000, 70)" in result.stderr
     assert "Traceback" not in result.stderr  # raised in a DataLoader worker, reported as one line
     assert not (tmp_path / "s.csv").exists()

@@ -65,7 +65,8 @@ def _paths(out: Path, family: str, index: int) -> tuple[Path, Path]:
     return out / family / "data" / f"data{index}.npy", out / family / "model" / f"model{index}.npy"
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
+def save_atomic(path: Path, array: np.ndarray) -> None:
+    """A temporary name, then a rename: an interrupted run never leaves a partial .npy."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
@@ -107,8 +108,8 @@ def _worker(job: dict, shards: list[Shard], threads: int, progress) -> None:
                 progress.put(len(v))
         seismic = np.concatenate(parts).astype(np.float16 if job["float16"] else np.float32)
         data_path, model_path = _paths(Path(job["out"]), job["family"], shard.index)
-        _save_atomic(data_path, seismic)
-        _save_atomic(model_path, vel)
+        save_atomic(data_path, seismic)
+        save_atomic(model_path, vel)
 
 
 def _from_velocity_shards(path: Path, limit: int | None) -> list[Shard]:
