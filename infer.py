@@ -23,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.config import UserError, user_message
+from harness.errors import UserError, print_user_error
 from harness.inference import evaluate_checkpoints, predict_folder, print_json
 
 
@@ -92,8 +92,7 @@ def main(argv: list[str]) -> int:
                 raise UserError("--physics-misfit / --refine-steps: give --data (a folder of seismic to simulate against)")
             result = evaluate_checkpoints(args.checkpoint, args.overrides, args.batch_size)
     except UserError as err:
-        print(f"error: {user_message(err)}", file=sys.stderr)
-        return 2
+        return print_user_error(err)
     print_json(result)
     return 0
 

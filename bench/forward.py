@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from gwi.physics import forward_model, ricker  # noqa: E402
+from gwi.physics.acoustic import forward_model, ricker  # noqa: E402
 from gwi.physics import _ckernel  # noqa: E402
 from gwi.physics.velocity import generate  # noqa: E402
 

@@ -48,7 +48,7 @@ from cnn.data import ImageSet, collate, dataset_spec, read_split, synthetic_imag
 from cnn.models import to_unit_float  # noqa: E402
 from harness import checkpoint as ckpt  # noqa: E402
 from harness.artifacts import resolve_checkpoint  # noqa: E402
-from harness.config import UserError, user_message  # noqa: E402
+from harness.errors import UserError, print_user_error  # noqa: E402
 from harness.inference import load_ensemble  # noqa: E402
 
 ANALYSES = ("misclassified", "confusion", "gradcam", "guided-backprop", "class-model", "local-complexity", "weight-noise")
@@ -107,8 +107,7 @@ def main(argv: list[str]) -> int:
             written += files
         log_to_wandb(ctx, written)
     except UserError as err:
-        print(f"error: {user_message(err)}", file=sys.stderr)
-        return 2
+        return print_user_error(err)
     return 0
 
 

@@ -23,7 +23,7 @@ from accelerate import PartialState
 from torch.utils.data import Dataset, default_collate
 
 from cnn.models import to_unit_float
-from harness.config import ConfigError, UserError
+from harness.errors import ConfigError, UserError
 
 AUGMENTATIONS = ("pad_crop", "hflip", "cutout", "affine")
 DEVICE_AUGMENTATIONS = ("pad_crop", "hflip", "cutout")  # what the device loader implements as tensor ops

@@ -47,7 +47,7 @@ def create_model(name: str, in_channels: int = 3, num_classes: int = 10, mean=No
                  norm: str = "batch", dropout: float | None = None, pretrained_path: str | None = None) -> nn.Module:
     """`Normalize(mean, std)` (default: identity) followed by the network called `name`.
     `width` (channels of the first stage) and `dropout`: None means the network's own default."""
-    from harness.config import ConfigError
+    from harness.errors import ConfigError
 
     try:
         check_model_name(name)
@@ -277,7 +277,7 @@ def timm_model(name: str, in_channels: int, num_classes: int, width: int | None,
     conv to `in_channels` and drops the classifier when `num_classes` differs. Nothing is downloaded."""
     import timm
 
-    from harness.config import ConfigError, UserError
+    from harness.errors import ConfigError, UserError
 
     if width is not None:
         raise ConfigError(f"key 'model.width': timm:{name} has its own widths; leave model.width unset (null)")

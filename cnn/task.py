@@ -15,7 +15,7 @@ from cnn.complexity import LocalComplexityProbe
 from cnn.data import AUGMENTATIONS, build_datasets, collate, dataset_spec
 from cnn.diagnostics import attach_layer_grad_norms, is_main_process, report_parameters
 from cnn.models import check_model_name, create_model
-from harness.config import ConfigError
+from harness.errors import ConfigError
 from harness.task import Section, Task, register_task
 
 Augmentation = Literal[AUGMENTATIONS]

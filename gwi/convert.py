@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gwi.layout import MANIFEST, find_pairs
-from harness.config import UserError
+from harness.errors import UserError
 
 CHUNK = 50  # samples converted at a time: bounds memory to ~70 MB whatever the file size
 FLOAT16_MAX = float(np.finfo(np.float16).max)

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from gwi import synthetic
 from gwi.layout import find_pairs, split_pairs
-from harness.config import UserError
+from harness.errors import UserError
 
 RAW_TIME_STEPS = 1000  # samples per trace in OpenFWI (1 s at 1 ms)
 

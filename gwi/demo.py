@@ -44,9 +44,9 @@ from accelerate.state import PartialState
 from tqdm.auto import tqdm
 
 from gwi.layout import SEISMIC_SAMPLE_SHAPE, VELOCITY_SAMPLE_SHAPE, find_pairs
-from gwi.physics import OPENFWI_SOURCES, forward_model
+from gwi.physics.acoustic import OPENFWI_SOURCES, forward_model
 from gwi.physics.synth import PER_FILE, Shard, save_atomic, shard_velocity
-from harness.config import UserError
+from harness.errors import UserError
 
 SPLITS = ("train", "val", "test")
 SPEC_FILE = "spec.json"

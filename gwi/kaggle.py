@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from harness import checkpoint as ckpt
-from harness.config import UserError, user_message
+from harness.errors import UserError, print_user_error
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "kagglerig"
@@ -139,8 +139,7 @@ def main(argv: list[str]) -> int:
     try:
         result = bundle(args.checkpoint, args.out, dependencies)
     except UserError as err:
-        print(f"error: {user_message(err)}", file=sys.stderr)
-        return 2
+        return print_user_error(err)
     print(json.dumps(result, indent=1))
     return 0
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.config import UserError
+from harness.errors import UserError
 
 SEISMIC_SAMPLE_SHAPE = (5, 1000, 70)
 VELOCITY_SAMPLE_SHAPE = (1, 70, 70)

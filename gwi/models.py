@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from timm.models import adapt_input_conv
 from torch import nn
 
-from harness.config import UserError
+from harness.errors import UserError
 
 VELOCITY_MIN, VELOCITY_MAX = 1500.0, 4500.0  # m/s
 MAP_SIZE = 70  # cells per side of the velocity map

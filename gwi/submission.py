@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from gwi.data import SeismicPairs
 from gwi.physics.fwi import DEFAULT_LR, refine, seismic_misfit
 from gwi.layout import SEISMIC_SAMPLE_SHAPE, find_pairs
-from harness.config import UserError
+from harness.errors import UserError
 
 ODD_COLUMNS = tuple(range(1, 70, 2))
 HEADER = "oid_ypos," + ",".join(f"x_{x}" for x in ODD_COLUMNS) + "\n"

@@ -19,7 +19,7 @@ from gwi.submission import evaluate_folder, is_test_folder, write_submission
 from gwi.models import (VELOCITY_MAX, VELOCITY_MIN, check_pretrained_path, create_model, known_models, resolve_decoder_channels,
                         resolve_drop_path, resolve_encoder)
 from gwi.physics.velocity import FAMILIES
-from harness.config import UserError
+from harness.errors import UserError
 from harness.task import Section, Task, register_task
 
 

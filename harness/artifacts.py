@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from harness.checkpoint import read_meta
-from harness.config import UserError
+from harness.errors import UserError
 from harness.tracking import has_wandb_credentials
 
 ARTIFACT_TYPE = "model"

@@ -7,11 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
-from harness.config import DEFAULT_CONFIG, UserError, user_message, dotted_keys, load_config, read_yaml, schema_for, type_name
-from harness.loop import RunFailed
-
-def is_main_rank() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+from harness.config import DEFAULT_CONFIG, dotted_keys, load_config, read_yaml, schema_for, type_name
+from harness.errors import RUN_FAILED_EXIT, RunFailed, UserError, is_main_process, print_user_error
 
 
 def sweep_trial_output_dir(cfg) -> None:
@@ -51,14 +48,12 @@ def run_cli(argv: list[str], command, usage: str) -> int:
         sweep_trial_output_dir(cfg)
         summary = command(cfg)
     except UserError as err:
-        if is_main_rank():
-            print(f"error: {user_message(err)}", file=sys.stderr)
-        return 2
+        return print_user_error(err)
     except RunFailed as err:
-        if is_main_rank():
+        if is_main_process():
             print(f"run failed: {err}", file=sys.stderr)
-        return 1
-    if is_main_rank() and isinstance(summary, dict):
+        return RUN_FAILED_EXIT
+    if is_main_process() and isinstance(summary, dict):
         print("done: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     return preempted_sweep_trial_exit_code(summary)
 

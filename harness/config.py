@@ -15,27 +15,10 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
+from harness.errors import ConfigError
 from harness.task import Section, get_task
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
-
-
-class UserError(Exception):
-    """A mistake the user can fix (bad config, bad data, a missing file): the entry points print the
-    message without a traceback and exit 2. Tasks raise it for bad input, naming the file or key."""
-
-
-def user_message(err: UserError) -> str:
-    """The message of a UserError, also when a DataLoader worker raised it (the main process then
-    sees the worker's whole traceback as the message: keep its last line's message only)."""
-    text = str(err)
-    if "Original Traceback" in text:
-        text = text.rstrip().splitlines()[-1].split("Error: ", 1)[-1]
-    return text
-
-
-class ConfigError(UserError):
-    """A mistake in a config file or override; the message says which key and why."""
 
 
 class Trainer(Section):

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from harness import checkpoint as ckpt
 from harness.artifacts import resolve_checkpoint
-from harness.config import BaseRunConfig, ConfigError, apply_overrides, validate
+from harness.config import BaseRunConfig, apply_overrides, validate
+from harness.errors import ConfigError
 from harness.loop import evaluate
 from harness.task import Task, get_task
 

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 
 from harness.artifacts import CheckpointUploader
 from harness.checkpoint import Checkpointer
-from harness.config import BaseRunConfig, ConfigError, save_yaml
+from harness.config import BaseRunConfig, save_yaml
+from harness.errors import RunFailed, ConfigError
 from harness.optim import build_ema, build_optimizer, build_scheduler
 from harness.sam import SharpnessAware
 from harness.plots import plot_metrics
@@ -51,10 +52,6 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)
-
-
-class RunFailed(Exception):
-    """The run stopped for a reason the user must act on (e.g. a NaN loss); exit non-zero."""
 
 
 def train(cfg: BaseRunConfig) -> dict:

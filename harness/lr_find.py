@@ -37,7 +37,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from harness.cli import run_cli
-from harness.config import UserError, user_message
+from harness.errors import UserError, print_user_error
 from harness.loop import any_process, make_accelerator, make_loaders, make_sam, replayed, to_channels_last
 from harness.optim import build_optimizer
 from harness.sam import SharpnessAware
@@ -361,8 +361,7 @@ def main(argv: list[str], prog: str = "python -m harness.lr_find") -> int:
         options, rest = parser.parse_known_args(argv)
         check_options(options.start_lr, options.end_lr, options.steps, options.beta, options.diverge)
     except UserError as err:
-        print(f"error: {user_message(err)}", file=sys.stderr)
-        return 2
+        return print_user_error(err)
 
     def command(cfg) -> dict:
         result = lr_find(cfg, options.start_lr, options.end_lr, options.steps, options.beta, options.diverge)

@@ -37,7 +37,7 @@ def build_scheduler(sc, optimizer: torch.optim.Optimizer, total_steps: int, mode
     total_steps = max(total_steps, 1)
     if sc.name == "onecycle":
         if sc.pct_start * total_steps <= 1:  # torch's OneCycleLR divides by zero on a rise of one update or less
-            from harness.config import ConfigError
+            from harness.errors import ConfigError
 
             raise ConfigError(f"key 'sched.name': onecycle needs sched.pct_start x updates > 1, got {sc.pct_start} x "
                               f"{total_steps}; train longer or use sched.name=cosine")

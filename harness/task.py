@@ -1,8 +1,9 @@
 """The Task interface: the only thing the training loop talks to, and the registry of tasks by name.
 
-A task is a folder (package) that subclasses `Task` and registers it with `@register_task("name")`.
-The config key `task: name` imports the package of that name, so a third task needs no change here
-or in the loop.
+A task is a package whose `task` module subclasses `Task` and registers it with
+`@register_task("name")`. The config key `task: name` imports `<name>.task`, so a third task needs no
+change here or in the loop, and importing a task's other modules (e.g. `python -m gwi.physics.synth`)
+never loads the task stack.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from accelerate.utils import find_batch_size
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 from torch.utils.data import Dataset
+
+from harness.errors import ConfigError, UserError
 
 
 class Section(BaseModel):
@@ -62,8 +65,6 @@ class Task:
     def predict_folder(self, model: nn.Module, folder: str, out: str | None, **options) -> dict:
         """Predict for a folder of files (infer.py --data): write `out` in the task's own format
         (e.g. a competition submission) or score a labelled folder; returns a summary to print."""
-        from harness.config import UserError
-
         raise UserError(f"task {self.name!r} has no folder inference (infer.py --data)")
 
     def after_update(self, model: nn.Module, step: int) -> dict[str, float]:
@@ -92,21 +93,21 @@ def register_task(name: str):
     return add
 
 
+# The tasks that ship with the project, named in the unknown-task error before any is imported.
+BUILT_IN_TASKS = ("cnn", "gwi")
+
+
 def get_task(name: str, cfg=None) -> Task:
-    """The task registered under `name` (importing the package of that name on first use), bound to
-    the run config `cfg`."""
+    """The task registered under `name` (importing `<name>.task` on first use), bound to the run
+    config `cfg`."""
     if name not in _REGISTRY:
+        module = f"{name}.task"
         try:
-            importlib.import_module(name)
+            importlib.import_module(module)
         except ModuleNotFoundError as err:
-            if err.name != name:
+            if err.name not in (name, module):
                 raise
     if name not in _REGISTRY:
-        from harness.config import ConfigError
-
-        raise ConfigError(f"key 'task': unknown task {name!r}; registered tasks: {sorted(_REGISTRY) or 'none'}")
+        known = sorted(set(BUILT_IN_TASKS) | set(_REGISTRY))
+        raise ConfigError(f"key 'task': unknown task {name!r}; known tasks: {', '.join(known)}")
     return _REGISTRY[name](cfg)
-
-
-def known_tasks() -> list[str]:
-    return sorted(_REGISTRY)

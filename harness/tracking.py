@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
 
-from harness.config import ConfigError
+from harness.errors import ConfigError
 
 
 def has_wandb_credentials() -> bool:

@@ -9,7 +9,7 @@ import pytest
 from conftest import SMOKE_CNN, clean_env, read_metrics, run_entry, wandb_artifacts, wandb_run
 from harness import checkpoint as ckpt
 from harness.artifacts import resolve_checkpoint
-from harness.config import UserError
+from harness.errors import UserError
 
 SPEC = "wandb:my-team/kagglerig/model-1a2b3c4d:best"
 

@@ -15,7 +15,8 @@ from conftest import SMOKE_CNN, accelerate_launch, clean_env, read_metrics, run_
 from test_cnn_data import accept_written_cifar, gratings, write_cifar
 from cnn.adversarial import FreePerturbation, RobustOutputs, fgsm, pgd
 from cnn.models import create_model
-from harness.config import ConfigError, load_config
+from harness.config import load_config
+from harness.errors import ConfigError
 from harness.loop import train
 from harness.task import get_task
 

@@ -20,7 +20,8 @@ from conftest import SMOKE_CNN, clean_env, read_metrics, run_entry
 from cnn.data import DeviceImageSet, ImageSet, albumentations_pipeline, collate, read_split, split_train_val, synthetic_images
 from cnn.models import create_model
 from cnn.task import CnnData
-from harness.config import ConfigError, UserError, load_config
+from harness.config import load_config
+from harness.errors import ConfigError, UserError
 from harness.loop import train
 from harness.task import get_task
 

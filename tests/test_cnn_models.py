@@ -13,7 +13,8 @@ import torch
 from conftest import SMOKE_CNN, read_metrics, wandb_log
 from cnn.diagnostics import parameter_rows
 from cnn.models import Normalize, create_model
-from harness.config import ConfigError, UserError, load_config
+from harness.config import load_config
+from harness.errors import ConfigError, UserError
 from harness.loop import train
 from harness.task import get_task
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import clean_env, run_entry
-from gwi.physics import forward_model
+from gwi.physics.acoustic import forward_model
 from gwi.physics.fwi import refine, seismic_misfit, total_variation
 from gwi.physics.velocity import generate
 from harness.inference import load_ensemble

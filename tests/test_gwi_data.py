@@ -15,7 +15,8 @@ from gwi.data import SeismicPairs, build_datasets
 from gwi.layout import MANIFEST, find_pairs, split_pairs
 from gwi.task import GwiData
 from gwi_files import write_tree
-from harness.config import UserError, load_config
+from harness.config import load_config
+from harness.errors import UserError
 from harness.loop import train
 from conftest import SMOKE_GWI
 

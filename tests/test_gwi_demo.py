@@ -20,12 +20,13 @@ from pydantic import ValidationError
 from conftest import accelerate_launch, run_entry, wandb_log
 from gwi.demo import Piece, cache_folder, plan, simulate, split_evenly
 from gwi.layout import find_pairs
-from gwi.physics import forward_model
+from gwi.physics.acoustic import forward_model
 from gwi.physics.synth import Shard
 from gwi.physics.velocity import generate
 from gwi.submission import validate_submission
 from gwi.task import GwiData
-from harness.config import ConfigError, UserError, load_config
+from harness.config import load_config
+from harness.errors import ConfigError, UserError
 from harness.inference import load_ensemble
 
 # The default config, shrunk: 3 + 1 + 2 samples per family, 6 updates (onecycle needs 5).

@@ -13,7 +13,7 @@ from gwi.data import SeismicPairs
 from gwi.layout import find_pairs
 from gwi.submission import HEADER, format_rows, validate_submission
 from gwi_files import write_test_dir, write_tree
-from harness.config import UserError
+from harness.errors import UserError
 from harness.inference import load_ensemble
 
 TEST_IDS = ["000039dca2", "0a1b2c3d4e", "ffe0c1d2b3"]

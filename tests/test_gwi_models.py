@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from gwi.models import ENCODER_MODELS, VelocityHead, create_model, load_encoder_weights
 from gwi.task import GwiData, GwiLoss, GwiModel, GwiTask
-from harness.config import ConfigError, UserError, load_config
+from harness.config import load_config
+from harness.errors import ConfigError, UserError
 from harness.loop import train
 
 from conftest import read_metrics

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from gwi.physics import acoustic, forward_model, ricker
+from gwi.physics import acoustic
+from gwi.physics.acoustic import forward_model, ricker
 from gwi.physics import velocity as vmaps
 from gwi.physics.synth import main as synth_main
 

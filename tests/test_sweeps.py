@@ -16,7 +16,8 @@ import yaml
 
 from conftest import ROOT, clean_env, read_metrics, run_entry, wandb_log, wandb_records, wandb_run
 from harness import checkpoint as ckpt
-from harness.config import ConfigError, dotted_keys, load_config, schema_for, to_plain_dict
+from harness.config import dotted_keys, load_config, schema_for, to_plain_dict
+from harness.errors import ConfigError
 from harness.runs import find_run_dirs, flatten
 from harness.tracking import choose_run_id
 

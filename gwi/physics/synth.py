@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.config import UserError
+from harness.errors import UserError
 
 PER_FILE = 500
 
