@@ -14,32 +14,30 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
+import timm
 import torch
 from torch import nn
 
-_MODELS = {}
+from harness.errors import ConfigError, UserError
+from harness.registry import Registry
+
+MODELS = Registry("model")
+register_model = MODELS.register  # @register_model: the function's name is the model's name
 TIMM_PREFIX = "timm:"
 
 
-def register_model(fn):
-    _MODELS[fn.__name__] = fn
-    return fn
-
-
 def known_models() -> list[str]:
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def check_model_name(name: str) -> str:
     """`name` if create_model knows it (a registered name, or timm:<a timm model>); else ValueError."""
     if name.startswith(TIMM_PREFIX):
-        import timm
-
         if not timm.is_model(name[len(TIMM_PREFIX):]):
             raise ValueError(f"unknown timm model {name[len(TIMM_PREFIX):]!r} (see timm.list_models())")
         return name
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(known_models())}, or timm:<name>")
+    if name not in MODELS:
+        raise ValueError(f"{MODELS.unknown(name)}, or timm:<name>")
     return name
 
 
@@ -47,8 +45,6 @@ def create_model(name: str, in_channels: int = 3, num_classes: int = 10, mean=No
                  norm: str = "batch", dropout: float | None = None, pretrained_path: str | None = None) -> nn.Module:
     """`Normalize(mean, std)` (default: identity) followed by the network called `name`.
     `width` (channels of the first stage) and `dropout`: None means the network's own default."""
-    from harness.errors import ConfigError
-
     try:
         check_model_name(name)
     except ValueError as err:
@@ -63,7 +59,7 @@ def create_model(name: str, in_channels: int = 3, num_classes: int = 10, mean=No
     if pretrained_path is not None:
         raise ConfigError(f"key 'model.pretrained_path': only timm:<name> models load pretrained weights, not {name!r}")
     options = dict(norm=norm) | {key: value for key, value in dict(width=width, dropout=dropout).items() if value is not None}
-    return ImageClassifier(Normalize(mean, std), _MODELS[name](in_channels=in_channels, num_classes=num_classes, **options))
+    return ImageClassifier(Normalize(mean, std), MODELS.create(name, in_channels=in_channels, num_classes=num_classes, **options))
 
 
 # ---- building blocks ---------------------------------------------------------------------------------
@@ -275,10 +271,6 @@ def timm_model(name: str, in_channels: int, num_classes: int, width: int | None,
     """(a timm model, the mean/std its pretrained weights expect or None). Weights come only from
     `pretrained_path` (a local .safetensors/.pth/.bin of the model's state dict); timm adapts the first
     conv to `in_channels` and drops the classifier when `num_classes` differs. Nothing is downloaded."""
-    import timm
-
-    from harness.errors import ConfigError, UserError
-
     if width is not None:
         raise ConfigError(f"key 'model.width': timm:{name} has its own widths; leave model.width unset (null)")
     if norm != "batch":

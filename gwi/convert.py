@@ -7,7 +7,8 @@ about 3 significant digits); velocity maps stay float32 (they are 1.4 % of the b
 would round 4000 m/s to steps of 4 m/s). Every file is written to a temporary name and renamed, so
 an interrupted conversion resumes where it stopped: run the same command again. `DST/manifest.json`
 is written last (families, file pairs, sample counts, min/max) and marks a finished conversion;
-a finished DST is never overwritten.
+a finished DST is never overwritten. Velocities outside [1500, 4500] m/s are refused before anything
+is written, non-finite values when their file is converted; both errors name the file and sample.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gwi.layout import MANIFEST, find_pairs
-from harness.errors import UserError
+from harness.errors import UserError, print_user_error
 
 CHUNK = 50  # samples converted at a time: bounds memory to ~70 MB whatever the file size
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -29,7 +30,8 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 def convert_array(src: Path, dst: Path, dtype: np.dtype) -> dict:
     """Copy one .npy to `dst` in `dtype`, chunk by chunk; returns its min/max. Refuses non-finite
-    values and values float16 cannot hold, naming the file and sample."""
+    values and values float16 cannot hold, naming the file and sample (velocity outside [1500, 4500]
+    m/s was refused before, when `find_pairs` found the pair)."""
     source = np.load(src, mmap_mode="r")
     tmp = dst.with_name(dst.name + ".tmp")
     target = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=source.shape)
@@ -108,8 +110,7 @@ def main(argv: list[str]) -> int:
     try:
         manifest = convert(args.src, args.dst)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return print_user_error(err)
     for name, family in manifest["families"].items():
         print(f"{name:14s} {family['files']:4d} files {family['samples']:7d} samples  seismic [{family['seismic_min']:.4g}, "
               f"{family['seismic_max']:.4g}]  velocity [{family['velocity_min']:.0f}, {family['velocity_max']:.0f}]")

@@ -1,5 +1,6 @@
-"""Data for the gwi task: where samples come from (`data.source`: synthetic, simulated (gwi/demo.py)
-or files), the datasets that serve them, and the seismic preparation every model input goes through.
+"""Data for the gwi task: where samples come from (`data.source`: synthetic (gwi/synthetic.py),
+simulated (gwi/simulated.py) or files), the datasets that serve them, and the seismic preparation
+every model input goes through.
 
 Datasets serve *raw* seismic, in the dtype it has on disk (float16 files stay float16 through the
 DataLoader: half the bytes), with the training-only mirror augmentation. Preparation (time-axis
@@ -19,10 +20,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gwi import synthetic
-from gwi.layout import find_pairs, split_pairs
+from gwi.layout import MAP_SIZE, SOURCE_X, TIME_STEPS, FilePair, find_pairs, split_pairs
+from gwi.simulated import simulated_data
 from harness.errors import UserError
 
-RAW_TIME_STEPS = 1000  # samples per trace in OpenFWI (1 s at 1 ms)
+SYNTHETIC_FAMILY = "synthetic"  # the family name of every data.source=synthetic sample
 
 # OpenFWI's FlatVel-A amplitude range (its dataset_config.json): "log_minmax" maps it to [-1, 1].
 OPENFWI_DATA_MIN, OPENFWI_DATA_MAX = -26.95, 52.77
@@ -170,39 +172,57 @@ def synthetic_samples(num: int, seed: list[int], time_steps: int) -> tuple[np.nd
     (seismic (num, 5, time_steps, 70), velocity (num, 1, 70, 70)), both float32."""
     rng = np.random.default_rng(seed)
     velocity = synthetic.layered_velocity(num, rng)
-    seismic = np.empty((num, len(synthetic.SOURCE_X), time_steps, synthetic.GRID_SIZE), dtype=np.float32)
+    seismic = np.empty((num, len(SOURCE_X), time_steps, MAP_SIZE), dtype=np.float32)
     for start in range(0, num, _SYNTHETIC_CHUNK):
         chunk = slice(start, start + _SYNTHETIC_CHUNK)
-        raw = torch.from_numpy(synthetic.reflection_seismic(velocity[chunk], nt=RAW_TIME_STEPS))
+        raw = torch.from_numpy(synthetic.reflection_seismic(velocity[chunk], nt=TIME_STEPS))
         seismic[chunk] = reduce_time(raw, time_steps).numpy()
     return seismic, velocity
+
+
+def source_pairs(data) -> tuple[list[FilePair], list[FilePair]]:
+    """(train, val) file pairs of the `simulated` or `files` source that `data` (a GwiData section)
+    describes, validated (shapes, dtypes, velocity range)."""
+    if data.source == "simulated":
+        # Simulated once into data.cache_dir (the OpenFWI layout), then read like any files.
+        folder = simulated_data(data)
+        return find_pairs([folder / "train"]), find_pairs([folder / "val"])
+    if data.source != "files":
+        raise ValueError(f"data source {data.source!r} has no files; known file sources: simulated, files")
+    if not data.roots:
+        raise UserError("key 'data.roots': data.source=files needs at least one folder of training data")
+    if data.val_roots:
+        return find_pairs(data.roots), find_pairs(data.val_roots)
+    train, val = split_pairs(find_pairs(data.roots), data.folds, data.fold, data.split_seed)
+    if not val:
+        raise UserError(f"key 'data.folds': no family under {', '.join(data.roots)} has two files, so nothing "
+                        "is left to validate on; add files or set data.val_roots")
+    return train, val
+
+
+def family_names(pairs: list) -> list[str]:
+    """The families of `pairs`, sorted: a sample's family index counts in this list."""
+    return sorted({p.family for p in pairs})
+
+
+def dataset_families(data) -> list[str]:
+    """The family list of the datasets `build_datasets(data, ...)` builds, without building them
+    (for the simulated source the cache is made first if it is missing, as training would)."""
+    if data.source == "synthetic":
+        return [SYNTHETIC_FAMILY]
+    train, val = source_pairs(data)
+    return family_names(train + val)
 
 
 def build_datasets(data, seed: int) -> tuple[SeismicPairs, SeismicPairs]:
     """(train, val) as `data` (a GwiData section) describes; `seed` drives the flip augmentation."""
     if data.source == "synthetic":
         # Different seeds per split, so validation maps are never training maps.
-        train = [ArrayPair("synthetic", *synthetic_samples(data.num_train, [data.synth_seed, 0], data.time_steps))]
-        val = [ArrayPair("synthetic", *synthetic_samples(data.num_val, [data.synth_seed, 1], data.time_steps))]
-    elif data.source == "simulated":
-        # Simulated once into data.cache_dir (the OpenFWI layout), then read like any files.
-        # Imported here: gwi.demo needs gwi.physics.synth, and `python -m gwi.physics.synth` imports
-        # this package first (runpy warns when the module it runs was already imported).
-        from gwi.demo import simulated_data
-
-        folder = simulated_data(data)
-        train, val = find_pairs([folder / "train"]), find_pairs([folder / "val"])
-    elif data.source == "files":
-        if not data.roots:
-            raise UserError("key 'data.roots': data.source=files needs at least one folder of training data")
-        if data.val_roots:
-            train, val = find_pairs(data.roots), find_pairs(data.val_roots)
-        else:
-            train, val = split_pairs(find_pairs(data.roots), data.folds, data.fold, data.split_seed)
-            if not val:
-                raise UserError(f"key 'data.folds': no family under {', '.join(data.roots)} has two files, so nothing "
-                                "is left to validate on; add files or set data.val_roots")
+        train = [ArrayPair(SYNTHETIC_FAMILY, *synthetic_samples(data.num_train, [data.synth_seed, 0], data.time_steps))]
+        val = [ArrayPair(SYNTHETIC_FAMILY, *synthetic_samples(data.num_val, [data.synth_seed, 1], data.time_steps))]
+    elif data.source in ("simulated", "files"):
+        train, val = source_pairs(data)
     else:
         raise ValueError(f"unknown gwi data source {data.source!r}; known: synthetic, simulated, files")
-    families = sorted({p.family for p in train + val})
+    families = family_names(train + val)
     return SeismicPairs(train, families, flip=data.flip, seed=seed), SeismicPairs(val, families)

@@ -1,11 +1,14 @@
-"""The on-disk layouts of OpenFWI / Kaggle training data, read as (seismic, velocity) file pairs.
+"""The data format of OpenFWI / Kaggle: its geometry and value range (the one home of these facts,
+imported by the models, the submission, the simulator and the data readers), and the on-disk
+layouts of training data, read as (seismic, velocity) file pairs.
 
 Two layouts, per family folder (`<root>/<Family>/`), as in the Kaggle `train_samples/` and OpenFWI:
   Vel and Style families:  data/dataN.npy (n, 5, 1000, 70)  <->  model/modelN.npy (n, 1, 70, 70)
   Fault families:          seisX_Y_Z.npy  (n, 5, 1000, 70)  <->  velX_Y_Z.npy     (n, 1, 70, 70)
 Several roots may be combined (the competition samples plus external OpenFWI, say). Files are
 float32 or float16 (see `python -m gwi.convert`). Only headers are read here (memory maps), so
-discovery costs milliseconds whatever the data size.
+discovery costs milliseconds whatever the data size; only the velocity files, 1.4 % of the bytes,
+are read whole, once, to check their range.
 """
 from __future__ import annotations
 
@@ -20,8 +23,17 @@ import numpy as np
 
 from harness.errors import UserError
 
-SEISMIC_SAMPLE_SHAPE = (5, 1000, 70)
-VELOCITY_SAMPLE_SHAPE = (1, 70, 70)
+# The geometry: a MAP_SIZE x MAP_SIZE velocity map of 10 m cells; one source per seismic channel at
+# the columns SOURCE_X, MAP_SIZE receivers (one per column), all at depth cell SENSOR_DEPTH; each
+# trace TIME_STEPS samples at 1 ms.
+MAP_SIZE = 70
+SOURCE_X = (0, 17, 34, 52, 69)
+SENSOR_DEPTH = 1
+TIME_STEPS = 1000
+VELOCITY_MIN, VELOCITY_MAX = 1500.0, 4500.0  # m/s: every map lies in this range, every prediction is held to it
+
+SEISMIC_SAMPLE_SHAPE = (len(SOURCE_X), TIME_STEPS, MAP_SIZE)
+VELOCITY_SAMPLE_SHAPE = (1, MAP_SIZE, MAP_SIZE)
 ALLOWED_DTYPES = (np.dtype("float32"), np.dtype("float16"))
 MANIFEST = "manifest.json"
 
@@ -52,7 +64,8 @@ def _header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def check_pair(seismic: Path, velocity: Path) -> int:
-    """Shapes and dtypes of one pair; returns its sample count, or raises a UserError naming the file."""
+    """Shapes, dtypes and the velocity range of one pair; returns its sample count, or raises a
+    UserError naming the file."""
     (s_shape, s_dtype), (v_shape, v_dtype) = _header(seismic), _header(velocity)
     for path, shape, dtype, sample_shape in ((seismic, s_shape, s_dtype, SEISMIC_SAMPLE_SHAPE),
                                              (velocity, v_shape, v_dtype, VELOCITY_SAMPLE_SHAPE)):
@@ -62,7 +75,26 @@ def check_pair(seismic: Path, velocity: Path) -> int:
             raise UserError(f"{path}: dtype {dtype}, expected float32 or float16")
     if s_shape[0] != v_shape[0]:
         raise UserError(f"{seismic} holds {s_shape[0]} samples but its pair {velocity} holds {v_shape[0]}")
+    check_velocity_range(velocity)
     return int(s_shape[0])
+
+
+def check_velocity_range(path: Path) -> None:
+    """Raise a UserError naming the file, the first bad sample and the file's range unless every
+    value of the velocity file is finite and in [VELOCITY_MIN, VELOCITY_MAX]: a map in km/s or
+    ft/s would otherwise train silently against a head that cannot reach it. One pass over the
+    file (per-sample min and max), before any training."""
+    maps = np.load(path, mmap_mode="r")
+    flat = maps.reshape(len(maps), int(np.prod(maps.shape[1:])))
+    low, high = flat.min(axis=1), flat.max(axis=1)  # NaN propagates: a NaN sample fails the test below
+    bad = ~((low >= VELOCITY_MIN) & (high <= VELOCITY_MAX))
+    if not bad.any():
+        return
+    first = int(np.argmax(bad))
+    if not (np.isfinite(low[first]) and np.isfinite(high[first])):
+        raise UserError(f"{path}: sample {first} contains NaN or inf values")
+    raise UserError(f"{path}: velocities in [{float(low.min()):g}, {float(high.max()):g}] m/s (first at sample {first}), "
+                    f"outside [{VELOCITY_MIN:g}, {VELOCITY_MAX:g}] m/s")
 
 
 def _natural_key(path: Path):

@@ -16,20 +16,31 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal, Sequence
 
 import segmentation_models_pytorch as smp
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from timm.models import adapt_input_conv
 from torch import nn
 
-from harness.errors import UserError
+from gwi.layout import MAP_SIZE, SOURCE_X, VELOCITY_MAX, VELOCITY_MIN
+from harness.errors import UserError, is_local_main_process
+from harness.registry import Registry
 
-VELOCITY_MIN, VELOCITY_MAX = 1500.0, 4500.0  # m/s
-MAP_SIZE = 70  # cells per side of the velocity map
-SEISMIC_CHANNELS = 5  # one per source
+SEISMIC_CHANNELS = len(SOURCE_X)  # one per source
+MODELS = Registry("model")
+
+
+def register(name: str):
+    """Register a model class under `name`, which it also keeps as `model_name` (for its messages)."""
+    def add(cls: type[nn.Module]) -> type[nn.Module]:
+        cls.model_name = name
+        return MODELS.register(name)(cls)
+
+    return add
 
 
 class VelocityHead(nn.Module):
@@ -91,6 +102,7 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 # ---- InversionNet -------------------------------------------------------------------------------------
 
 
+@register("inversionnet")
 class InversionNet(nn.Module):
     """InversionNet (Wu & Lin, OpenFWI): a convolutional encoder over (time, receiver) down to a
     1 x 1 latent vector, and a transposed-convolution decoder up to an 80 x 80 map cropped to 70 x 70.
@@ -180,8 +192,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UserError(f"model.pretrained_path {path}: no such file")
     try:
         if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(file, device="cpu")
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
@@ -272,7 +282,7 @@ def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike, encoder_na
 
 def report(message: str) -> None:
     """Print once per machine, not once per process."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if is_local_main_process():
         print(message, flush=True)
 
 
@@ -325,6 +335,7 @@ def check_timm_encoder(model_name: str, encoder: str, families: Sequence[str]) -
     raise ValueError(f"{model_name}: timm has no model {encoder!r}" + (f"; nearest: {', '.join(near)}" if near else ""))
 
 
+@register("unet")
 class SmpUNet(nn.Module):
     """segmentation-models-pytorch's Unet with any encoder it accepts: its own ("resnet18",
     "efficientnet-b0", ...) or any timm model as "tu-<name>".
@@ -343,7 +354,6 @@ class SmpUNet(nn.Module):
     256 keeps the encoder's deepest map at 8 x 8 and costs about a ResNet at 256 x 256 per sample.
     """
 
-    model_name = "unet"
     input_size = (256, 256)
     default_encoder = "resnet18"
     default_decoder_channels = (256, 128, 64, 32, 16)  # smp's default, for its 5 stages
@@ -394,7 +404,7 @@ class TimmUNet(nn.Module):
     crop or resize at the output. Subclasses say how the seismic becomes the encoder's input
     (`to_encoder_input`) and may swap the encoder's stem (`replace_stem`)."""
 
-    model_name = ""  # the name in MODELS, for messages
+    model_name = ""  # set by @register
     encoder_families: tuple[str, ...] = ()  # timm name prefixes this model's stem handling fits
     default_encoder = ""
     default_decoder_channels = (256, 128, 64, 32)
@@ -430,6 +440,7 @@ class TimmUNet(nn.Module):
         return self.head(self.to_logits(self.decoder(features, (MAP_SIZE, MAP_SIZE))))
 
 
+@register("hgnet_unet")
 class HGNetUNet(TimmUNet):
     """HGNet-v2 (timm `hgnetv2_b0` ... `hgnetv2_b6`) encoder with a UNet decoder.
 
@@ -440,7 +451,6 @@ class HGNetUNet(TimmUNet):
     at the centre of stride-4 cell x, so map column x sits below receiver x.
     """
 
-    model_name = "hgnet_unet"
     encoder_families = ("hgnetv2_",)
     default_encoder = "hgnetv2_b0"
     input_size = (4 * MAP_SIZE, 4 * MAP_SIZE)
@@ -478,22 +488,22 @@ class TimeStemUNet(TimmUNet):
         return resize(seismic, (self.time_rows, seismic.shape[-1]))
 
 
+@register("convnext_unet")
 class ConvNeXtUNet(TimeStemUNet):
     """ConvNeXt (timm `convnext_*`, `convnextv2_*`) encoder behind the time stem (see `TimeStemUNet`),
     UNet decoder. Stage maps 70, 35, 17, 8 (its downsampling convolutions are 2 x 2, stride 2)."""
 
-    model_name = "convnext_unet"
     encoder_families = ("convnext",)
     default_encoder = "convnext_atto"
     stem_conv = "stem_0"
 
 
+@register("caformer_unet")
 class CAFormerUNet(TimeStemUNet):
     """CAFormer (timm `caformer_*`; ConvFormer, `convformer_*`, has the same layout) encoder behind the
     time stem (see `TimeStemUNet`), UNet decoder. Stage maps 70, 35, 18, 9: two stages of separable
     convolutions, then two of self-attention over 18 x 18 and 9 x 9 tokens."""
 
-    model_name = "caformer_unet"
     encoder_families = ("caformer_", "convformer_")
     default_encoder = "caformer_s18"
     stem_conv = "stem.conv"
@@ -501,29 +511,18 @@ class CAFormerUNet(TimeStemUNet):
 
 # ---- the factory ------------------------------------------------------------------------------------
 
-ENCODER_MODELS: dict[str, type[nn.Module]] = {
-    "unet": SmpUNet,
-    "hgnet_unet": HGNetUNet,
-    "convnext_unet": ConvNeXtUNet,
-    "caformer_unet": CAFormerUNet,
-}
-
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "inversionnet": InversionNet,
-    **ENCODER_MODELS,
-}
+# The models that take an encoder (and the encoder options below): those with a check_encoder.
+ENCODER_MODELS: dict[str, type[nn.Module]] = {name: model for name, model in MODELS.items() if hasattr(model, "check_encoder")}
 
 
 def known_models() -> list[str]:
-    return sorted(MODELS)
+    return MODELS.names()
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
     """The model registered as `name`, built with `kwargs` (width, head; the encoder models also
-    encoder, decoder_channels, drop_path, pretrained_path)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown gwi model {name!r}; known models: {', '.join(known_models())}")
-    return MODELS[name](**kwargs)
+    encoder, decoder_channels, drop_path, pretrained_path); ValueError for an unknown name."""
+    return MODELS.create(name, **kwargs)
 
 
 # The config's encoder options, checked and filled in with the model's defaults, so a saved config

@@ -5,7 +5,8 @@ The submission has one row per test file and depth row, `oid_ypos = <id>_y_<row>
 and the odd columns x_1, x_3, ..., x_69: 65,818 files make 4.6 million rows and 161 million values,
 so values are formatted by numpy in bulk (fixed width, 0.1 m/s: far below any error that matters)
 and only ids are joined per row. The CSV is written to a temporary file, validated (header, row
-count, ids, field counts, finite values), and only then renamed into place.
+count, ids, field counts, finite values), and only then renamed into place; `read_submission` reads
+one back (the demo's report scores its own CSV).
 
 Physics (infer.py --physics-misfit / --refine-steps; `PhysicsOptions`, gwi/physics/fwi.py): the
 predicted maps are re-simulated and compared with each file's seismic (the normalised misfit), and
@@ -25,13 +26,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from gwi.data import SeismicPairs
+from gwi.layout import MAP_SIZE, SEISMIC_SAMPLE_SHAPE, VELOCITY_MAX, VELOCITY_MIN, VELOCITY_SAMPLE_SHAPE, find_pairs
 from gwi.physics.fwi import DEFAULT_LR, refine, seismic_misfit
-from gwi.layout import SEISMIC_SAMPLE_SHAPE, find_pairs
 from harness.errors import UserError
 
-ODD_COLUMNS = tuple(range(1, 70, 2))
+ODD_COLUMNS = tuple(range(1, MAP_SIZE, 2))
 HEADER = "oid_ypos," + ",".join(f"x_{x}" for x in ODD_COLUMNS) + "\n"
-ROWS_PER_FILE = 70
+ROWS_PER_FILE = MAP_SIZE  # one row per depth cell of the map
 VALUE_WIDTH = 7  # ",dddd.d": velocities are clipped to [1500, 4500], always four integer digits
 
 
@@ -66,7 +67,7 @@ def is_test_folder(folder: Path) -> bool:
 def format_rows(ids: list[str], velocity: np.ndarray) -> bytes:
     """CSV rows for (B, 70, 70) velocity maps of the files `ids`: numpy writes the digits of all
     values at once; Python only joins one id prefix per row."""
-    odd = np.clip(velocity[:, :, 1::2], 1500.0, 4500.0)
+    odd = np.clip(velocity[:, :, 1::2], VELOCITY_MIN, VELOCITY_MAX)
     tenths = np.rint(odd * 10).astype(np.int32)  # 15000..45000
     chars = np.empty(tenths.shape + (VALUE_WIDTH,), np.uint8)
     chars[..., 0] = ord(",")
@@ -98,10 +99,20 @@ def validate_submission(path: Path, ids: list[str]) -> None:
                 raise UserError(f"{path}: row {count} is {fields[0].decode()!r}, out of order or unexpected")
             if count % ROWS_PER_FILE == 1:  # one full numeric parse per file keeps this fast and still catches garbage
                 values = np.array(fields[1:], dtype=np.float64)
-                if not (np.isfinite(values).all() and values.min() >= 1500 and values.max() <= 4500):
-                    raise UserError(f"{path}: row {count} has values outside [1500, 4500] or non-finite")
+                if not (np.isfinite(values).all() and values.min() >= VELOCITY_MIN and values.max() <= VELOCITY_MAX):
+                    raise UserError(f"{path}: row {count} has values outside [{VELOCITY_MIN:g}, {VELOCITY_MAX:g}] or non-finite")
     if count != len(ids) * ROWS_PER_FILE:
-        raise UserError(f"{path}: {count} rows, expected {len(ids) * ROWS_PER_FILE} ({len(ids)} files x 70)")
+        raise UserError(f"{path}: {count} rows, expected {len(ids) * ROWS_PER_FILE} ({len(ids)} files x {ROWS_PER_FILE})")
+
+
+def read_submission(path: Path) -> tuple[list[str], np.ndarray]:
+    """A submission CSV -> (file ids in order, velocity (N, 70, 35) of the odd columns), float64."""
+    lines = Path(path).read_text().splitlines()[1:]
+    if not lines or len(lines) % ROWS_PER_FILE:
+        raise UserError(f"{path}: {len(lines)} rows, expected a multiple of {ROWS_PER_FILE}")
+    ids = [line.split(",", 1)[0].rsplit("_y_", 1)[0] for line in lines[::ROWS_PER_FILE]]
+    values = np.array([line.split(",")[1:] for line in lines], dtype=np.float64)
+    return ids, values.reshape(len(ids), ROWS_PER_FILE, -1)
 
 
 # ---- physics: misfit and refinement -------------------------------------------------------------------
@@ -256,7 +267,7 @@ def evaluate_folder(task, model, folder: Path, batch_size: int, num_workers: int
     families = sorted({p.family for p in pairs})
     dataset = SeismicPairs(pairs, families)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
-    saved = np.lib.format.open_memmap(save_predictions, mode="w+", dtype=np.float32, shape=(len(dataset), 1, 70, 70)) \
+    saved = np.lib.format.open_memmap(save_predictions, mode="w+", dtype=np.float32, shape=(len(dataset), *VELOCITY_SAMPLE_SHAPE)) \
         if save_predictions else None
     sums = {"mae": 0.0, "mae_odd": 0.0, **{f"mae_{f}": 0.0 for f in families}}
     counts = {f: 0 for f in families}

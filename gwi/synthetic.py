@@ -1,25 +1,23 @@
-"""Synthetic seismic data for smoke runs and the demo: layered velocity maps and a cheap surrogate
-of the seismic shot gathers they would produce.
+"""Synthetic seismic data for smoke runs and most tests (`data.source=synthetic`): layered velocity
+maps and a cheap surrogate of the seismic shot gathers they would produce.
 
-This is NOT a wave-equation simulator. `reflection_seismic` stands in for the OpenFWI
-finite-difference simulator (a later issue adds the exact one) so that the whole pipeline, from
-data to a trained InversionNet, runs on a laptop in seconds. Its data have OpenFWI's layout and
+This is NOT a wave-equation simulator (that is `gwi.physics`, which the demo's `data.source=simulated`
+uses). `reflection_seismic` is a cheap surrogate of it, so that the whole pipeline, from data to a
+trained InversionNet, runs on a laptop in seconds. Its data have OpenFWI's layout and
 roughly its amplitude range (a direct wave of a few tens near the source, reflections of order
 one), and they carry real information about the velocity map, so a model can learn from them; but
 their waveforms differ from OpenFWI's, so nothing trained on them transfers to the real data.
 
-Geometry (OpenFWI's): a 70 x 70 grid of 10 m cells; 5 sources at x cells 0, 17, 34, 52, 69 and
-70 receivers (one per column), all at depth cell 1; 1000 time samples at dt = 1 ms; a 15 Hz
-Ricker wavelet.
+Geometry (OpenFWI's, as gwi.layout states it): a 70 x 70 grid of 10 m cells; 5 sources at x cells
+0, 17, 34, 52, 69 and 70 receivers (one per column), all at depth cell 1; 1000 time samples at
+dt = 1 ms; a 15 Hz Ricker wavelet.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-GRID_SIZE = 70  # cells per side of a velocity map
-SOURCE_X = (0, 17, 34, 52, 69)  # source columns
-VELOCITY_MIN, VELOCITY_MAX = 1500.0, 4500.0  # m/s
+from gwi.layout import MAP_SIZE, SENSOR_DEPTH, SOURCE_X, TIME_STEPS, VELOCITY_MAX, VELOCITY_MIN
 
 # The direct wave's amplitude is 1 / max(travel time, this): about 50 next to the source, which
 # keeps the data in the range OpenFWI's normalisation constants expect.
@@ -29,7 +27,7 @@ _NEAR_FIELD_TIME = 0.02  # s
 def layered_velocity(
     n: int,
     rng: np.random.Generator,
-    size: int = GRID_SIZE,
+    size: int = MAP_SIZE,
     min_layers: int = 2,
     max_layers: int = 5,
     max_dip: float = 0.1,
@@ -76,7 +74,7 @@ def ricker(freq: float, dt: float, peak_time: float) -> np.ndarray:
 
 def reflection_seismic(
     vel: np.ndarray,
-    nt: int = 1000,
+    nt: int = TIME_STEPS,
     dt: float = 1e-3,
     freq: float = 15.0,
     dx: float = 10.0,
@@ -107,7 +105,7 @@ def reflection_seismic(
     """
     velocity = np.asarray(vel, dtype=np.float64)[:, 0]  # (n, nz, nx)
     n, _, nx = velocity.shape
-    receiver_row = 1
+    receiver_row = SENSOR_DEPTH
     receivers = np.arange(nx, dtype=np.float64)
     wavelet = ricker(freq, dt, peak_time=1.5 / freq)
     # Room for the last arrival's wavelet, so the circular convolution never wraps around.

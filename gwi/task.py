@@ -2,10 +2,11 @@
 shot gathers of 70 receivers. The Kaggle metric is the MAE in m/s over the odd columns
 (x = 1, 3, ..., 69), reported here as `mae_odd` next to the all-column `mae`.
 
-Batches are (seismic (B, 5, T, 70), velocity (B, 1, 70, 70)), both float32.
+Batches are (seismic (B, 5, T, 70) float16/32, velocity (B, 1, 70, 70) float32, family index (B,)).
 """
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -14,11 +15,13 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, Field, field_validator
 from torch import nn
 
-from gwi.data import RAW_TIME_STEPS, SeismicInput, SeismicPairs, build_datasets
-from gwi.submission import evaluate_folder, is_test_folder, write_submission
-from gwi.models import (VELOCITY_MAX, VELOCITY_MIN, check_pretrained_path, create_model, known_models, resolve_decoder_channels,
-                        resolve_drop_path, resolve_encoder)
+from gwi.data import SeismicInput, SeismicPairs, build_datasets, dataset_families
+from gwi.layout import TIME_STEPS, VELOCITY_MAX, VELOCITY_MIN
+from gwi.models import (MODELS, check_pretrained_path, create_model, known_models, resolve_decoder_channels, resolve_drop_path,
+                        resolve_encoder)
 from gwi.physics.velocity import FAMILIES
+from gwi.report import report
+from gwi.submission import evaluate_folder, is_test_folder, write_submission
 from harness.errors import UserError
 from harness.task import Section, Task, register_task
 
@@ -26,7 +29,7 @@ from harness.task import Section, Task, register_task
 class GwiData(Section):
     source: Literal["synthetic", "simulated", "files"] = Field(
         "synthetic", description="synthetic: generated layered maps, cheap surrogate seismic (gwi/synthetic.py); simulated: "
-        "OpenFWI-like maps and simulated seismic, made once into data.cache_dir, plus a scored test set (gwi/demo.py); "
+        "OpenFWI-like maps and simulated seismic, made once into data.cache_dir, plus a scored test set (gwi/simulated.py); "
         "files: OpenFWI/Kaggle .npy pairs under data.roots")
     roots: list[str] = Field([], description="files: folders of family folders (Kaggle train_samples/, OpenFWI, converted copies)")
     val_roots: list[str] = Field([], description="files: validate on these folders instead of a fold of data.roots")
@@ -39,8 +42,8 @@ class GwiData(Section):
     families: list[str] = Field(["FlatVel_A", "CurveVel_A"], min_length=1,
                                 description="simulated: velocity families of gwi.physics.velocity: " + ", ".join(FAMILIES))
     cache_dir: str = Field("data/simulated", description="simulated: one folder per (families, sizes, seed) under this; reused when complete")
-    time_steps: int = Field(RAW_TIME_STEPS, ge=8, le=RAW_TIME_STEPS,
-                            description="area-resize the 1000 time samples to this many; 1000 = no reduction")
+    time_steps: int = Field(TIME_STEPS, ge=8, le=TIME_STEPS,
+                            description=f"area-resize the {TIME_STEPS} time samples to this many; {TIME_STEPS} = no reduction")
     normalize: Literal["log_minmax", "standardize"] = Field(
         "log_minmax", description="log_minmax: OpenFWI's signed log scaled by fixed constants; standardize: per sample")
     flip: bool = Field(True, description="training only: mirror a sample (receivers, source order, map columns) with probability 1/2")
@@ -81,8 +84,8 @@ class GwiModel(Section):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        if name not in known_models():
-            raise ValueError(f"unknown model {name!r}; known models: {', '.join(known_models())}")
+        if name not in MODELS:
+            raise ValueError(MODELS.unknown(name))
         return name
 
 
@@ -127,8 +130,14 @@ class GwiTask(Task):
     """Batches are (seismic (B, 5, T, 70) float16/32, velocity (B, 1, 70, 70) float32, family index (B,))."""
 
     sections = {"data": GwiData, "model": GwiModel, "loss": GwiLoss}
-    families: list[str] = []
     tta: str = "none"  # "flip": predictions average the sample and its mirror image (see predict)
+
+    @cached_property
+    def families(self) -> list[str]:
+        """The names of the family indices batches carry (batch[2]), which name the per-family
+        metrics: the built datasets' list, or the same list found from the config when this instance
+        built none (e.g. a task rebuilt from a checkpoint)."""
+        return dataset_families(self.cfg.data)
 
     def build_datasets(self, cfg) -> tuple[SeismicPairs, SeismicPairs]:
         train, val = build_datasets(cfg.data, cfg.seed)
@@ -166,11 +175,9 @@ class GwiTask(Task):
     def after_training(self, run_dir, accelerator) -> dict:
         """The demo's report on simulated data: the best checkpoint predicts the simulated test set
         into <run_dir>/submission.csv, which is scored (test MAE) and pictured (predictions.png);
-        see gwi.demo. Nothing for other data sources."""
+        see gwi.report. Nothing for other data sources."""
         if self.cfg.data.source != "simulated":
             return {}
-        from gwi.demo import report  # imported when used, like gwi.data's simulated_data
-
         return report(self.cfg, Path(run_dir), accelerator)
 
     def predict_folder(self, model: nn.Module, folder: str, out: str | None, **options) -> dict:

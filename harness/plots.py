@@ -1,7 +1,6 @@
 """The learning curves of a run as a PNG (`<output_dir>/metrics.png`), drawn from metrics.jsonl."""
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -10,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on rented machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from harness.tracking import read_metrics  # noqa: E402
+
 SKIPPED = ("train/lr", "train/samples_per_s", "train/skipped_batches")
 
 
@@ -17,8 +18,7 @@ def plot_metrics(run_dir: str | Path) -> Path:
     """One panel per metric name (train and val curves of the same name share a panel), x = step."""
     run_dir = Path(run_dir)
     series = defaultdict(lambda: ([], []))
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in read_metrics(run_dir):
         for key, value in row.items():
             if "/" in key and key not in SKIPPED and isinstance(value, (int, float)):
                 series[key][0].append(row["step"])

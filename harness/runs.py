@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness import checkpoint as ckpt
+from harness.tracking import read_metrics
 
 RUNNING_WINDOW_S = 15 * 60
 STOPPED_REASONS = ("SIGTERM", "SIGINT", "max_minutes")
@@ -75,7 +76,7 @@ def find_run_dirs(root: Path) -> list[Path]:
 
 def read_run(run_dir: Path, root: Path, now: float) -> Run:
     config = flatten(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir)
     last = ckpt.readable(run_dir / "checkpoints" / "last")
     last_meta = ckpt.read_meta(last) if last else {}
     metrics_written = (run_dir / "metrics.jsonl").stat().st_mtime
@@ -97,16 +98,6 @@ def read_run(run_dir: Path, root: Path, now: float) -> Run:
         if logged:
             run.best, run.best_step = (min if run.mode == "min" else max)(logged, key=lambda item: item[0])
     return run
-
-
-def read_metrics(path: Path) -> list[dict]:
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # the line a crash cut short
-            continue
-    return rows
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

@@ -87,6 +87,32 @@ def choose_run_id(stored: str | None, cfg, say=print) -> str | None:
     return from_env
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of `<run_dir>/metrics.jsonl`, in order: the one reader of the file (run table,
+    learning curves, task reports), with one tolerance of bad lines. A run killed while writing
+    leaves a torn last line: it is skipped. When that run is resumed, its first record is appended
+    to the torn line, which is then a middle line: the complete record at its end is kept and the
+    torn part dropped. Any other line that is not a JSON object is skipped too, wherever it is.
+    A missing file is a FileNotFoundError."""
+    rows = []
+    for line in (Path(run_dir) / METRICS_FILE).read_text().splitlines():
+        row = _record(line) or _record(line[line.rfind("{"):])  # records are flat: their last "{" starts one
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def _record(text: str) -> dict | None:
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 class Tracker:
     """metrics.jsonl + W&B + a progress display, all on the main process only."""
 
@@ -94,7 +120,7 @@ class Tracker:
         self.accelerator = accelerator
         self.active = accelerator.is_main_process
         self.log_every = log_every
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if self.active else None
+        self.jsonl = open(run_dir / METRICS_FILE, "a") if self.active else None
         if progress == "auto":
             progress = "bar" if sys.stderr.isatty() else "plain"
         self.progress = progress if self.active else "none"

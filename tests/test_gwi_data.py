@@ -3,14 +3,16 @@ memory-mapped datasets, and the float16 converter."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from conftest import read_metrics
 from gwi.convert import convert
+from gwi.convert import main as convert_main
 from gwi.data import SeismicPairs, build_datasets
 from gwi.layout import MANIFEST, find_pairs, split_pairs
 from gwi.task import GwiData
@@ -18,6 +20,7 @@ from gwi_files import write_tree
 from harness.config import load_config
 from harness.errors import UserError
 from harness.loop import train
+from harness.task import get_task
 from conftest import SMOKE_GWI
 
 
@@ -119,3 +122,52 @@ def test_trains_on_files_with_per_family_metrics(tmp_path, tree):
     final = read_metrics(tmp_path / "run")[-1]
     assert {"val/mae", "val/mae_odd", "val/mae_FlatVel_A", "val/mae_CurveFault_A"} <= final.keys()
     assert 0 < final["val/mae_FlatVel_A"] < 3000
+
+
+def test_metrics_name_the_families_without_build_datasets(tree):
+    """A task instance that built no datasets (e.g. one rebuilt from a checkpoint to evaluate) still
+    reports the per-family values, under the same names, with the same numbers."""
+    cfg = load_config(SMOKE_GWI, ["data.source=files", f"data.roots=[{tree}]", "data.folds=2"])
+    built = get_task("gwi", cfg)
+    _, val = built.build_datasets(cfg)
+    batch = default_collate([val[i] for i in range(len(val))])
+    outputs = torch.full_like(batch[1], 3000.0)
+    expected = built.metrics(outputs, batch)
+    assert {"mae_CurveFault_A", "mae_FlatVel_A"} <= expected.keys()
+    fresh = get_task("gwi", cfg).metrics(outputs, batch)
+    assert fresh.keys() == expected.keys()
+    for name, values in expected.items():
+        torch.testing.assert_close(fresh[name], values, equal_nan=True)
+
+
+@pytest.mark.parametrize("value", [100.0, 13_500.0])
+def test_velocities_out_of_range_are_named_before_any_work(tmp_path, capsys, value):
+    """Labels in km/s or ft/s stop data.source=files (and infer.py on a labelled folder, which reads
+    through find_pairs too) and gwi.convert with one line naming the file, the sample and the range."""
+    root = write_tree(tmp_path / "t", {"FlatVel_A": ("vel", 3, 2)})
+    path = root / "FlatVel_A" / "model" / "model2.npy"
+    velocity = np.load(path)
+    velocity[1, 0, 5, 5] = value
+    np.save(path, velocity)
+    low, high = min(value, float(velocity.min())), max(value, float(velocity.max()))
+    message = (rf"{re.escape(str(path))}: velocities in \[{low:g}, {high:g}\] m/s \(first at sample 1\), "
+               r"outside \[1500, 4500\] m/s")
+    with pytest.raises(UserError, match=message):
+        build_datasets(GwiData(source="files", roots=[str(root)], folds=2), seed=0)
+    with pytest.raises(UserError, match=message):
+        find_pairs([root / "FlatVel_A"])  # what infer.py --data reads a labelled folder with
+
+    assert convert_main([str(root), str(tmp_path / "f16")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch("error: " + message, lines[0]), lines
+    assert not list((tmp_path / "f16").rglob("*.npy"))  # refused before anything was written
+
+
+def test_nan_velocity_is_named_before_any_work(tmp_path):
+    root = write_tree(tmp_path / "t", {"FlatVel_A": ("vel", 3, 2)})
+    path = root / "FlatVel_A" / "model" / "model1.npy"
+    velocity = np.load(path)
+    velocity[2, 0, 0, 0] = np.nan
+    np.save(path, velocity)
+    with pytest.raises(UserError, match=rf"{re.escape(str(path))}: sample 2 contains NaN or inf values"):
+        find_pairs([root])

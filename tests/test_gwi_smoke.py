@@ -11,8 +11,9 @@ import torch
 from pydantic import ValidationError
 
 from gwi.data import ArrayPair, SeismicInput, SeismicPairs, flip_decision, mirror, reduce_time, synthetic_samples
+from gwi.layout import SOURCE_X
 from gwi.models import create_model
-from gwi.synthetic import SOURCE_X, layered_velocity, reflection_seismic
+from gwi.synthetic import layered_velocity, reflection_seismic
 from gwi.task import GwiData, GwiLoss, GwiModel, GwiTask
 from harness.task import get_task
 

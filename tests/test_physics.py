@@ -438,6 +438,9 @@ def test_synth_layout_resume_and_determinism(tmp_path, capsys):
     # Another --nt over the same folder is refused.
     assert synth_main(list(map(str, args[:6])) + ["--nt", "13", "--out", str(out)]) == 2
     assert "data1.npy exists with shape (2, 5, 12, 70), expected (2, 5, 13, 70)" in capsys.readouterr().err
+    # ... and so is --float16 over float32 files (one shard writer: the simulated data source's too).
+    assert synth_main(list(map(str, args)) + ["--float16"]) == 2
+    assert "data1.npy exists with dtype float32, expected float16" in capsys.readouterr().err
     # Determinism: another process, two workers, other batch size, float16 -> the same samples.
     other = tmp_path / "other"
     result = _synth(*args[:-1], other, "--workers", "2", "--batch-size", "1", "--float16")

@@ -14,9 +14,13 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SMOKE_CNN, clean_env, read_metrics
+from gwi.report import val_mae_curve
 from harness import checkpoint as ckpt
 from harness.config import load_config
 from harness.loop import train
+from harness.plots import plot_metrics
+from harness.runs import read_run
+from harness.tracking import read_metrics as read_metrics_file
 
 
 def runs_cli(*args, columns: int = 200) -> subprocess.CompletedProcess:
@@ -90,3 +94,23 @@ def test_a_folder_without_runs_or_a_folder_as_csv_path_exits_2_naming_it(tmp_pat
     assert result.returncode == 2 and "is not a folder" in result.stderr
     result = runs_cli("--csv", tmp_path)  # the folder taken as the CSV's path
     assert result.returncode == 2 and f"python -m harness.runs {tmp_path} --csv" in result.stderr
+
+
+def test_every_metrics_reader_skips_torn_lines_alike(tmp_path):
+    """A run killed mid-write leaves a torn last line; resumed, it appends its first record to that
+    line. The one reader keeps every complete record and skips the rest, for the run table, the
+    learning curves and the demo's report alike."""
+    rows = [{"step": 1, "epoch": 0.5, "train/loss": 2.0}, {"step": 2, "epoch": 1.0, "val/loss": 1.5, "val/mae": 300.0},
+            {"step": 3, "epoch": 1.5, "train/loss": 1.0}, {"step": 4, "epoch": 2.0, "val/loss": 0.9, "val/mae": 200.0}]
+    torn = json.dumps({"step": 2, "epoch": 1.0, "train/loss": 1.7})[:17]  # the killed run's last record
+    text = [json.dumps(rows[0]), torn + json.dumps(rows[1]), "not json", "[1, 2]", "", json.dumps(rows[2]),
+            json.dumps(rows[3]), json.dumps({"step": 5, "epoch": 2.5})[:12]]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(text))
+    (run / "config.yaml").write_text("checkpoint:\n  monitor: val/loss\n  mode: min\n")
+    assert read_metrics_file(run) == rows
+    assert plot_metrics(run).read_bytes()[:4] == b"\x89PNG"
+    table_row = read_run(run, tmp_path, time.time())
+    assert (table_row.steps, table_row.best, table_row.best_step) == (4, 0.9, 4)
+    assert val_mae_curve(run) == [300.0, 200.0]

@@ -25,7 +25,7 @@ SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
 SWEEP_ID, RUN_ID = "sweep01x", "trial01x"
 # Small data and one epoch so a trial takes seconds on a CPU; the agent passes them like constant parameters.
 # gwi: the surrogate data, not the base config's simulated demo set (a minute to simulate on first use;
-# tests/test_gwi_demo.py covers it).
+# tests/test_gwi_simulated.py covers it).
 FAST = {
     "cnn": {"trainer.epochs": 1},
     "gwi": {"trainer.epochs": 1, "data.source": "synthetic", "data.num_train": 64, "data.num_val": 16, "trainer.batch_size": 8},

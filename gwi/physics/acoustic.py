@@ -36,10 +36,9 @@ path performs identically, unlike the CPU's flush-to-zero mode, which is per thr
 values only at the 1e-30 level. Results match a float64 evaluation of the published update to
 float32 rounding (about 1e-6 of the peak amplitude; a test compares with a literal transcription).
 
-Speed (the no-grad fast path; bench/forward.py): 0.17 s per sample (5 sources, 1001 steps) at
-batch 8 on 2 idle cores of this project's machine, 30x a plain conv2d implementation of the same
-scheme. All sources of all samples of a chunk advance together as one (B, S, H, W) batch, in
-place on halo-padded buffers (no conv2d, no per-step allocation). On the CPU in float32 one fused
+Speed (the no-grad fast path; bench/forward.py measures it against a plain conv2d implementation
+of the same scheme, figures in the README): all sources of all samples of a chunk advance together
+as one (B, S, H, W) batch, in place on halo-padded buffers (no conv2d, no per-step allocation). On the CPU in float32 one fused
 C kernel does the whole update in one pass (`_ckernel`, compiled on first use; the torch ops are
 the fallback and the CUDA path). Two exact skips leave out cells that cannot change the result:
 - forward: a cell whose neighbourhood is exactly zero stays exactly zero, so each step only
@@ -50,9 +49,8 @@ the fallback and the CUDA path). Two exact skips leave out cells that cannot cha
 - backward: in the last steps, cells farther from every receiver than the stencil can carry
   before the end (2 cells per remaining step) cannot affect what is recorded, so they are left out.
 Both give results identical, bit for bit, to updating the whole grid (tests check it);
-`skip_zeros=False` turns them off. They save 15-20 % on OpenFWI's Vel maps (more on slow maps).
-torch.compile is not used: on this CPU a compiled torch step ran ~0.5 s per sample against ~0.9
-for the eager ops and ~0.3 for the C kernel, and the changing region shapes would recompile it.
+`skip_zeros=False` turns them off. torch.compile is not used: a compiled torch step was slower than
+the C kernel, and the changing region shapes would recompile it.
 
 The autograd path (used when `vel` requires grad and grad mode is on) updates the whole grid with
 the same float operations in the same order, out of place, so it returns the same numbers (a test
@@ -70,12 +68,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from gwi.layout import SENSOR_DEPTH, SOURCE_X, TIME_STEPS
 from gwi.physics import _ckernel
 
-# OpenFWI's geometry and settings.
-OPENFWI_SOURCES = ((0, 1), (17, 1), (34, 1), (52, 1), (69, 1))  # (x, z) cells
-RECEIVER_DEPTH = 1  # cell; the default receivers are every column at this depth
-DEFAULTS = dict(dx=10.0, dt=1e-3, nt=1000, freq=15.0, nbc=120, skip_steps=1)
+# OpenFWI's geometry (gwi.layout) and settings.
+OPENFWI_SOURCES = tuple((x, SENSOR_DEPTH) for x in SOURCE_X)  # (x, z) cells
+RECEIVER_DEPTH = SENSOR_DEPTH  # cell; the default receivers are every column at this depth
+DEFAULTS = dict(dx=10.0, dt=1e-3, nt=TIME_STEPS, freq=15.0, nbc=120, skip_steps=1)
 
 # Second-derivative coefficients of the 4th-order stencil (centre, distance 1, distance 2).
 C0, C1, C2 = -5.0 / 2.0, 4.0 / 3.0, -1.0 / 12.0

@@ -41,20 +41,16 @@ simulator's autograd path with `checkpoint_steps` (default K ~ sqrt(T), T the ti
 block-boundary fields plus ~4 K inside the block being recomputed, instead of ~4 T; one extra
 forward in the backward pass).
 
-What it buys, measured on simulated data (starts: the true map blurred by a 3 x 3 box plus white
-noise, as a stand-in for a network's prediction): on the tests' 24 x 24 problem (MAE 55 m/s), 20
-steps with tv_weight 1 gave MAE 33-36 and a 5x lower misfit; at OpenFWI's size (a CurveFault_A
-map, MAE 22.4 m/s, misfit 0.0167) 20 steps with tv_weight 1 gave MAE 16.1 (misfit 0.0074). Without
-TV the misfit fell as far (0.0087) but the MAE rose (to 28.6 at full size, 66 on the small problem):
-the data do not pin every cell down, and Adam's per-cell steps add noise where they do not. So
-lowering the misfit is no proof of a better map; use a TV weight and check on a labelled folder.
+What it buys (measured on simulated data; figures in the README): with a TV weight, refinement
+lowers both the misfit and the MAE; without TV the misfit falls as far but the MAE rises: the data
+do not pin every cell down, and Adam's per-cell steps add noise where they do not. So lowering the
+misfit is no proof of a better map; use a TV weight and check on a labelled folder.
 
-Cost on this project's 2-core CPU at OpenFWI's size (70 x 70, 5 sources, 1001 steps), measured
-with other work running: a misfit is one no-grad forward, ~0.2-0.35 s per map; a refinement step
-(forward and backward with sqrt checkpointing) ~22 s per map on one thread (11 s wall on two idle
-threads), 27 s per map at batch 4, whose peak RSS was 20 GB against 4.4 GB at batch 1: on a CPU
-refine one map at a time. Two OpenMP threads competing with other processes for two cores made the
-autograd path's many small ops ~30x slower; use OMP_NUM_THREADS=1 on a busy machine. Use a GPU.
+Cost: a misfit is one no-grad forward per map; a refinement step one forward and backward with
+checkpointing. On a CPU refine one map at a time: batching multiplies the memory and gains nothing
+(the threads already share each map's grid), and the autograd path's many small operations suffer
+badly when OpenMP threads compete with other processes for the cores (OMP_NUM_THREADS=1 on a busy
+machine). A GPU is the place for it.
 """
 from __future__ import annotations
 
@@ -64,8 +60,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gwi.layout import VELOCITY_MAX, VELOCITY_MIN
 from gwi.physics.acoustic import DEFAULTS, OPENFWI_SOURCES, forward_model
-from gwi.physics.velocity import VMAX, VMIN
 
 DEFAULT_LR = 0.005  # Adam's step on the map scaled to [0, 1]: 15 m/s
 
@@ -76,7 +72,7 @@ def default_device() -> torch.device:
 
 def total_variation(velocity: torch.Tensor) -> torch.Tensor:
     """TV (see the module docstring) of (B, nz, nx) or (B, 1, nz, nx) maps in m/s: (B,)."""
-    x = (velocity - VMIN) / (VMAX - VMIN)
+    x = (velocity - VELOCITY_MIN) / (VELOCITY_MAX - VELOCITY_MIN)
     vertical = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(dim=1)
     horizontal = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(dim=1)
     return vertical + horizontal
@@ -196,10 +192,10 @@ def refine(velocity, observed, steps: int, *, tv_weight: float = 0.0, lr: float 
 
 
 def _refine_chunk(maps, observed, steps, tv_weight, lr, keep_best, checkpoint_steps, simulator, bar) -> torch.Tensor:
-    start = maps.clamp(VMIN, VMAX)  # the projection holds from the first iterate on
+    start = maps.clamp(VELOCITY_MIN, VELOCITY_MAX)  # the projection holds from the first iterate on
     if steps == 0:
         return start
-    x = ((start - VMIN) / (VMAX - VMIN)).requires_grad_(True)
+    x = ((start - VELOCITY_MIN) / (VELOCITY_MAX - VELOCITY_MIN)).requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=lr)
     best, best_objective = start.clone(), torch.full((len(x),), math.inf, dtype=torch.float64, device=x.device)
     # Objective of iterates 0..steps-1 with the gradient, then of the last one without (keep_best
@@ -207,7 +203,7 @@ def _refine_chunk(maps, observed, steps, tv_weight, lr, keep_best, checkpoint_st
     for step in range(steps + 1 if keep_best else steps):
         last = step == steps
         with torch.set_grad_enabled(not last):
-            velocity = VMIN + (VMAX - VMIN) * x
+            velocity = VELOCITY_MIN + (VELOCITY_MAX - VELOCITY_MIN) * x
             simulated = forward_model(velocity, grad=not last, checkpoint_steps=None if last else checkpoint_steps, **simulator)
             objective = _misfit(simulated, observed)
             if tv_weight:
@@ -226,4 +222,4 @@ def _refine_chunk(maps, observed, steps, tv_weight, lr, keep_best, checkpoint_st
             x.clamp_(0, 1)  # projected gradient: see the module docstring
         if bar is not None:
             bar.update(len(x))
-    return best if keep_best else (VMIN + (VMAX - VMIN) * x).detach()
+    return best if keep_best else (VELOCITY_MIN + (VELOCITY_MAX - VELOCITY_MIN) * x).detach()

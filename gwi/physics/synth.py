@@ -15,9 +15,10 @@ one smaller), K = 1, 2, ... the layout `gwi.layout` reads.
 - `--from-velocity PATH` (a .npy file or a folder of them, (n, 1, nz, nx) or (n, nz, nx) in m/s):
   simulates those maps instead, one output shard per input file (modelK.npy keeps its K; other
   names are numbered in sorted order); the family defaults to the folder above `model/`.
-- Resumable: a shard whose two files exist with the expected shapes is skipped; every file is
-  written to a temporary name and renamed, so an interrupted run leaves no partial file. Run the
-  same command again to finish it.
+- Resumable: a shard whose two files exist with the expected shapes and dtypes is skipped; every
+  file is written to a temporary name and renamed, so an interrupted run leaves no partial file.
+  Run the same command again to finish it. The same shard writer (`is_written`, `simulate_shard`,
+  `write_shard`) makes the simulated data source's cache (gwi/simulated.py).
 - Bad arguments or input files stop with a one-line message naming them, exit code 2.
 """
 from __future__ import annotations
@@ -32,10 +33,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-from harness.errors import UserError
+from gwi.layout import MAP_SIZE, SOURCE_X, TIME_STEPS
+from gwi.physics.acoustic import forward_model
+from gwi.physics.velocity import FAMILIES, generate
+from harness.errors import RUN_FAILED_EXIT, UserError, print_user_error
 
 PER_FILE = 500
+# The end of the message for a file this command did not write for these arguments.
+FOREIGN_FILE = "written with other settings? remove it or choose another --out"
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,15 @@ class Shard:
     count: int  # samples
     start: int = 0  # generated maps: global index of the first sample
     source: str | None = None  # --from-velocity: the input file
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One file a shard writes, and the shape and dtype it must have."""
+
+    path: Path
+    shape: tuple[int, ...]
+    dtype: np.dtype
 
 
 def _family_seed(family: str) -> int:
@@ -55,14 +72,53 @@ def shard_velocity(family: str, seed: int, shard: Shard) -> np.ndarray:
     if shard.source is not None:
         maps = np.load(shard.source, mmap_mode="r")[:shard.count]
         return np.array(maps.reshape(len(maps), 1, *maps.shape[-2:]), dtype=np.float32)  # a writable copy
-    from gwi.physics.velocity import generate
-
     return np.concatenate([generate(family, 1, np.random.default_rng([seed, _family_seed(family), j]))
                            for j in range(shard.start, shard.start + shard.count)])
 
 
-def _paths(out: Path, family: str, index: int) -> tuple[Path, Path]:
-    return out / family / "data" / f"data{index}.npy", out / family / "model" / f"model{index}.npy"
+def openfwi_files(out: Path, family: str, shard: Shard, seismic_dtype, nt: int = TIME_STEPS,
+                  map_shape: tuple[int, int] = (MAP_SIZE, MAP_SIZE)) -> list[ShardFile]:
+    """A shard in the OpenFWI layout: OUT/<family>/data/dataK.npy (count, 5, nt, nx) seismic in
+    `seismic_dtype`, then OUT/<family>/model/modelK.npy (count, 1, nz, nx) float32 velocity."""
+    nz, nx = map_shape
+    return [ShardFile(out / family / "data" / f"data{shard.index}.npy", (shard.count, len(SOURCE_X), nt, nx), np.dtype(seismic_dtype)),
+            ShardFile(out / family / "model" / f"model{shard.index}.npy", (shard.count, 1, nz, nx), np.dtype(np.float32))]
+
+
+def is_written(files: list[ShardFile], foreign: str, regrow: bool = False) -> bool:
+    """Whether a shard is complete: every one of its files there with its shape and dtype (headers
+    only: milliseconds). A missing or unreadable (damaged) file: not written, simulate the shard
+    again. A file of another shape or dtype was written with other settings: a UserError naming it
+    and ending in `foreign` (what to do), never overwritten; except, with `regrow`, one that differs
+    only in its sample count (the partial last shard of a smaller --n), simulated again at its size."""
+    for file in files:
+        if not file.path.is_file():
+            return False
+        try:
+            found = np.load(file.path, mmap_mode="r")
+        except (ValueError, OSError, EOFError):
+            return False
+        if regrow and found.shape[1:] == file.shape[1:] and found.shape[0] != file.shape[0]:
+            return False
+        if found.shape != file.shape:
+            raise UserError(f"{file.path} exists with shape {found.shape}, expected {file.shape}; {foreign}")
+        if found.dtype != file.dtype:
+            raise UserError(f"{file.path} exists with dtype {found.dtype}, expected {file.dtype}; {foreign}")
+    return True
+
+
+def simulate_shard(family: str, seed: int, shard: Shard, nt: int = TIME_STEPS, batch_size: int = 8, device="cpu",
+                   progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """(seismic float32 (count, 5, nt, nx), velocity float32 (count, 1, nz, nx)) of the shard's maps,
+    simulated `batch_size` at a time on `device`; `progress(k)` after each batch of k maps."""
+    velocity = shard_velocity(family, seed, shard)
+    parts = []
+    for start in range(0, len(velocity), batch_size):
+        maps = torch.from_numpy(velocity[start:start + batch_size]).to(device)
+        parts.append(forward_model(maps, nt=nt).cpu().numpy())
+        if progress is not None:
+            progress(len(maps))
+    return np.concatenate(parts), velocity
 
 
 def save_atomic(path: Path, array: np.ndarray) -> None:
@@ -74,42 +130,31 @@ def save_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _finished(paths: tuple[Path, Path], shapes: tuple[tuple, tuple]) -> bool:
-    """Both files present with the expected shapes. Another sample count: not finished (the last
-    shard of a smaller --n); any other shape is an error (written with other settings)."""
-    if not all(p.exists() for p in paths):
-        return False
-    for path, shape in zip(paths, shapes):
-        try:
-            found = np.load(path, mmap_mode="r").shape
-        except (ValueError, OSError, EOFError):
-            return False  # unreadable (not ours, or damaged): simulate it again
-        if tuple(found[1:]) == tuple(shape[1:]) and found[0] != shape[0]:
-            return False  # a partial last shard of a smaller --n: simulate it again at its new size
-        if tuple(found) != tuple(shape):
-            raise UserError(f"{path} exists with shape {tuple(found)}, expected {tuple(shape)} (written with other "
-                            "settings?); remove it or choose another --out")
-    return True
+def write_shard(files: list[ShardFile], arrays) -> None:
+    """Each array into its file, in the file's dtype, atomically and in order, so a shard whose last
+    file is there is complete."""
+    if len(files) != len(arrays):
+        raise ValueError(f"{len(arrays)} arrays for {len(files)} files")
+    for file, array in zip(files, arrays):
+        save_atomic(file.path, np.asarray(array).astype(file.dtype, copy=False))
 
 
-def _worker(job: dict, shards: list[Shard], threads: int, progress) -> None:
-    import torch
+def job_files(job: dict, shard: Shard) -> list[ShardFile]:
+    """The files of one of this command's shards."""
+    map_shape = np.load(shard.source, mmap_mode="r").shape[-2:] if shard.source is not None else (MAP_SIZE, MAP_SIZE)
+    return openfwi_files(Path(job["out"]), job["family"], shard, np.float16 if job["float16"] else np.float32, job["nt"], map_shape)
 
-    from gwi.physics.acoustic import forward_model
 
-    torch.set_num_threads(threads)
+def write_shards(job: dict, shards: list[Shard], progress) -> None:
     for shard in shards:
-        vel = shard_velocity(job["family"], job["seed"], shard)
-        parts = []
-        for start in range(0, len(vel), job["batch_size"]):
-            v = torch.from_numpy(vel[start:start + job["batch_size"]]).to(job["device"])
-            parts.append(forward_model(v, nt=job["nt"]).cpu().numpy())
-            if progress is not None:
-                progress.put(len(v))
-        seismic = np.concatenate(parts).astype(np.float16 if job["float16"] else np.float32)
-        data_path, model_path = _paths(Path(job["out"]), job["family"], shard.index)
-        save_atomic(data_path, seismic)
-        save_atomic(model_path, vel)
+        seismic, velocity = simulate_shard(job["family"], job["seed"], shard, nt=job["nt"], batch_size=job["batch_size"],
+                                           device=job["device"], progress=progress)
+        write_shard(job_files(job, shard), [seismic, velocity])
+
+
+def _worker(job: dict, shards: list[Shard], threads: int, queue) -> None:
+    torch.set_num_threads(threads)
+    write_shards(job, shards, queue.put)
 
 
 def _from_velocity_shards(path: Path, limit: int | None) -> list[Shard]:
@@ -152,8 +197,6 @@ def _family_from_path(path: Path) -> str:
 
 
 def plan(args) -> tuple[dict, list[Shard]]:
-    from gwi.physics.velocity import FAMILIES
-
     if args.n is not None and args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
     for name in ("per_file", "workers", "batch_size", "nt"):
@@ -162,8 +205,6 @@ def plan(args) -> tuple[dict, list[Shard]]:
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out}: exists and is not a folder")
     if args.device.startswith("cuda"):
-        import torch
-
         if not torch.cuda.is_available():
             raise UserError(f"--device {args.device}: CUDA is not available here")
     elif args.device != "cpu":
@@ -186,21 +227,11 @@ def plan(args) -> tuple[dict, list[Shard]]:
     return job, shards
 
 
-def shapes(job: dict, shard: Shard) -> tuple[tuple, tuple]:
-    if shard.source is not None:
-        nz, nx = np.load(shard.source, mmap_mode="r").shape[-2:]
-    else:
-        nz = nx = 70
-    return (shard.count, 5, job["nt"], nx), (shard.count, 1, nz, nx)
-
-
 def run(args) -> list[Shard]:
     """Simulate the shards not yet written; returns those it wrote."""
-    from tqdm.auto import tqdm
-
     job, shards = plan(args)
     out = Path(job["out"])
-    todo = [s for s in shards if not _finished(_paths(out, job["family"], s.index), shapes(job, s))]
+    todo = [s for s in shards if not is_written(job_files(job, s), FOREIGN_FILE, regrow=True)]
     total = sum(s.count for s in todo)
     print(f"{job['family']}: {len(shards) - len(todo)} of {len(shards)} shards already written; "
           f"simulating {total} samples into {out / job['family']}", file=sys.stderr)
@@ -209,11 +240,8 @@ def run(args) -> list[Shard]:
     workers = min(args.workers, len(todo))
     with tqdm(total=total, unit="sample", desc=job["family"], file=sys.stderr) as bar:
         if workers == 1:
-            class _Bar:
-                def put(self, k):
-                    bar.update(k)
-
-            _worker(job, todo, max(1, args.threads or os.cpu_count()), _Bar())
+            torch.set_num_threads(max(1, args.threads or os.cpu_count()))
+            write_shards(job, todo, bar.update)
         else:
             ctx = mp.get_context("spawn")
             queue = ctx.Queue()
@@ -258,16 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-velocity", type=Path, help="simulate these velocity .npy files (a file or a folder)")
     parser.add_argument("--batch-size", type=int, default=8, help="maps simulated together")
     parser.add_argument("--per-file", type=int, default=PER_FILE, help="samples per shard file")
-    parser.add_argument("--nt", type=int, default=1000, help="time samples per trace (OpenFWI: 1000)")
+    parser.add_argument("--nt", type=int, default=TIME_STEPS, help=f"time samples per trace (OpenFWI: {TIME_STEPS})")
     args = parser.parse_args(argv)
     try:
         run(args)
     except UserError as err:
+        return print_user_error(err)
+    except RuntimeError as err:  # a worker failed: the run can be resumed
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return RUN_FAILED_EXIT
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130

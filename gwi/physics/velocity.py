@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-VMIN, VMAX = 1500.0, 4500.0
-SIZE = 70
+from gwi.layout import MAP_SIZE, VELOCITY_MAX, VELOCITY_MIN
+
 FAMILIES = ("FlatVel_A", "FlatVel_B", "CurveVel_A", "CurveVel_B", "FlatFault_A", "FlatFault_B",
             "CurveFault_A", "CurveFault_B", "Style_A", "Style_B")
 
@@ -38,7 +38,7 @@ def _rng(rng) -> np.random.Generator:
 
 
 def _finish(v: np.ndarray) -> np.ndarray:
-    return np.clip(v, VMIN, VMAX).astype(np.float32)[:, None]
+    return np.clip(v, VELOCITY_MIN, VELOCITY_MAX).astype(np.float32)[:, None]
 
 
 # ---- layered families ------------------------------------------------------------------------------
@@ -47,11 +47,11 @@ def _finish(v: np.ndarray) -> np.ndarray:
 def _layer_velocities(n: int, layers: int, rng: np.random.Generator, variant: str) -> np.ndarray:
     """(n, layers) velocities, top layer first."""
     if variant == "A":  # increasing with depth, moderate steps
-        top = rng.uniform(VMIN, 3000.0, (n, 1))
+        top = rng.uniform(VELOCITY_MIN, 3000.0, (n, 1))
         steps = rng.uniform(150.0, 700.0, (n, layers - 1))
         return np.concatenate([top, top + np.cumsum(steps, axis=1)], axis=1)
     # B: any order, strong contrasts (consecutive layers differ by at least 300 m/s)
-    v = rng.uniform(VMIN, VMAX, (n, layers))
+    v = rng.uniform(VELOCITY_MIN, VELOCITY_MAX, (n, layers))
     for k in range(1, layers):
         close = np.abs(v[:, k] - v[:, k - 1]) < 300.0
         v[close, k] = np.where(v[close, k - 1] < 3000.0, v[close, k - 1] + rng.uniform(300, 1500, close.sum()),
@@ -103,26 +103,26 @@ def _layered(n: int, rng, size: int, variant: str, curved: bool, fault: bool) ->
     return _finish(np.take_along_axis(vel, idx.reshape(n, -1), axis=1).reshape(n, size, size))
 
 
-def flat_vel(n: int, rng=None, variant: str = "A", size: int = SIZE) -> np.ndarray:
+def flat_vel(n: int, rng=None, variant: str = "A", size: int = MAP_SIZE) -> np.ndarray:
     return _layered(n, rng, size, variant, curved=False, fault=False)
 
 
-def curve_vel(n: int, rng=None, variant: str = "A", size: int = SIZE) -> np.ndarray:
+def curve_vel(n: int, rng=None, variant: str = "A", size: int = MAP_SIZE) -> np.ndarray:
     return _layered(n, rng, size, variant, curved=True, fault=False)
 
 
-def flat_fault(n: int, rng=None, variant: str = "A", size: int = SIZE) -> np.ndarray:
+def flat_fault(n: int, rng=None, variant: str = "A", size: int = MAP_SIZE) -> np.ndarray:
     return _layered(n, rng, size, variant, curved=False, fault=True)
 
 
-def curve_fault(n: int, rng=None, variant: str = "A", size: int = SIZE) -> np.ndarray:
+def curve_fault(n: int, rng=None, variant: str = "A", size: int = MAP_SIZE) -> np.ndarray:
     return _layered(n, rng, size, variant, curved=True, fault=True)
 
 
 # ---- smooth textures ---------------------------------------------------------------------------------
 
 
-def style(n: int, rng=None, variant: str = "A", size: int = SIZE) -> np.ndarray:
+def style(n: int, rng=None, variant: str = "A", size: int = MAP_SIZE) -> np.ndarray:
     """Gaussian random fields (white noise low-passed by a Gaussian of random, per-axis correlation
     lengths; B adds a finer second scale) on a linear depth trend."""
     rng = _rng(rng)
@@ -144,7 +144,7 @@ def style(n: int, rng=None, variant: str = "A", size: int = SIZE) -> np.ndarray:
         tex = field(rng.uniform(3.0, 8.0, n), rng.uniform(4.0, 14.0, n))
         tex = tex + rng.uniform(0.2, 0.6, (n, 1, 1)) * field(rng.uniform(1.0, 2.5, n), rng.uniform(1.0, 2.5, n))
         contrast = rng.uniform(300.0, 700.0, (n, 1, 1))
-    top = rng.uniform(VMIN + 200.0, 3000.0, (n, 1, 1))
+    top = rng.uniform(VELOCITY_MIN + 200.0, 3000.0, (n, 1, 1))
     bottom = top + rng.uniform(300.0, 1500.0, (n, 1, 1))
     trend = top + (bottom - top) * np.linspace(0.0, 1.0, size)[None, :, None]
     return _finish(trend + contrast * tex)
@@ -154,7 +154,7 @@ _GENERATORS = {"FlatVel": flat_vel, "CurveVel": curve_vel, "FlatFault": flat_fau
                "Style": style}
 
 
-def generate(family: str, n: int, rng=None, size: int = SIZE) -> np.ndarray:
+def generate(family: str, n: int, rng=None, size: int = MAP_SIZE) -> np.ndarray:
     """n maps of `family` ("FlatVel_A", ..., "Style_B"; see FAMILIES): float32 (n, 1, size, size)."""
     kind, _, variant = family.rpartition("_")
     if kind not in _GENERATORS or variant not in ("A", "B"):
@@ -174,7 +174,7 @@ def _as_torch(maps) -> tuple[torch.Tensor, bool]:
 
 
 def _back(t: torch.Tensor, is_numpy: bool):
-    t = t.clamp(VMIN, VMAX)
+    t = t.clamp(VELOCITY_MIN, VELOCITY_MAX)
     return t.numpy().astype(np.float32) if is_numpy else t
 
 
@@ -252,9 +252,11 @@ def augment(maps, rng=None, p_affine: float = 0.5, p_crop: float = 0.5, p_blend:
 def plot_families(path, per_family: int = 4, seed: int = 0) -> Path:
     """A grid of `per_family` maps per family (one row each) and a row of augmentations, saved as an
     image at `path`."""
+    # Imported here: only this picture needs matplotlib, and `python -m gwi.physics.synth` and each of
+    # its worker processes would otherwise pay its import.
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display on rented machines
     import matplotlib.pyplot as plt
 
     rng = np.random.default_rng(seed)
@@ -269,10 +271,10 @@ def plot_families(path, per_family: int = 4, seed: int = 0) -> Path:
     fig.subplots_adjust(left=0.17, right=0.8, top=1 - 0.45 / fig.get_figheight(), bottom=0.05, wspace=0.06, hspace=0.08)
     for r, (family, maps) in enumerate(rows):
         for c in range(per_family):
-            im = axes[r, c].imshow(maps[c], vmin=VMIN, vmax=VMAX, cmap="jet")
+            im = axes[r, c].imshow(maps[c], vmin=VELOCITY_MIN, vmax=VELOCITY_MAX, cmap="jet")
         axes[r, 0].set_ylabel(family, fontsize=8)
     for c in range(per_family):
-        axes[-1, c].imshow(aug[c % len(aug)][0, 0], vmin=VMIN, vmax=VMAX, cmap="jet")
+        axes[-1, c].imshow(aug[c % len(aug)][0, 0], vmin=VELOCITY_MIN, vmax=VELOCITY_MAX, cmap="jet")
         axes[-1, c].set_xlabel(names[c % len(names)], fontsize=7)
     axes[-1, 0].set_ylabel("augmented", fontsize=8)
     for ax in axes.flat:

@@ -1,8 +1,9 @@
-"""The built-in demo (configs/default.yaml, data.source=simulated) end to end through train.py with
-tiny sizes: the simulated cache in the OpenFWI / Kaggle layouts, reused by a second run, holding the
-simulator's real output; the submission, test MAE, picture and W&B entries of the report; and the
-cache's checks (another size or seed, a foreign file, an interrupted generation); and two processes,
-of which only the main one simulates and reports. About 30 s on 2 cores."""
+"""The built-in demo (configs/default.yaml, data.source=simulated: gwi/simulated.py, then gwi/report.py)
+end to end through train.py with tiny sizes: the simulated cache in the OpenFWI / Kaggle layouts,
+reused by a second run, holding the simulator's real output; the submission, test MAE, picture and
+W&B entries of the report; the cache's checks (another size or seed, a foreign file, an
+interrupted generation); and two processes, of which only the main one simulates and reports.
+About 30 s on 2 cores."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ import torch
 from pydantic import ValidationError
 
 from conftest import accelerate_launch, run_entry, wandb_log
-from gwi.demo import Piece, cache_folder, plan, simulate, split_evenly
+from gwi.simulated import Piece, cache_folder, plan, simulate, split_evenly
 from gwi.layout import find_pairs
 from gwi.physics.acoustic import forward_model
 from gwi.physics.synth import Shard
@@ -205,7 +206,8 @@ def test_an_interrupted_cache_is_completed_and_a_foreign_one_refused(demo, tmp_p
 
     # A file of another shape is not ours to overwrite; nor is a folder whose spec says otherwise.
     np.save(lost, np.zeros((2, 1, 70, 70), np.float32))
-    with pytest.raises(UserError, match=rf"{re.escape(str(lost))}: shape \(2, 1, 70, 70\) float32, expected \(1, 1, 70, 70\)"):
+    with pytest.raises(UserError, match=rf"{re.escape(str(lost))} exists with shape \(2, 1, 70, 70\), expected \(1, 1, 70, 70\); "
+                                        rf"the folder {re.escape(str(folder))} holds other data"):
         simulate(data)
     spec = json.loads((folder / "spec.json").read_text())
     (folder / "spec.json").write_text(json.dumps({**spec, "per_file": 100}))
