@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
+import wandb  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from cnn.complexity import local_complexity, probe_indices  # noqa: E402
@@ -50,6 +51,7 @@ from harness import checkpoint as ckpt  # noqa: E402
 from harness.artifacts import resolve_checkpoint  # noqa: E402
 from harness.errors import UserError, print_user_error  # noqa: E402
 from harness.inference import load_ensemble  # noqa: E402
+from harness.tracking import resolve_wandb_mode, with_offline_fallback  # noqa: E402
 
 ANALYSES = ("misclassified", "confusion", "gradcam", "guided-backprop", "class-model", "local-complexity", "weight-noise")
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -648,14 +650,10 @@ def log_to_wandb(ctx: Context, files: list[Path]) -> None:
     RUN/wandb/ for `wandb sync` like the training's own folders), else to a new run of the same project
     with job_type "analysis" and the training run's name + "-analysis". --wandb auto follows the run's
     log.wandb (online falls back to offline without an API key or server, as in training)."""
-    from harness.tracking import resolve_wandb_mode
-
     requested = ctx.cfg.log.wandb if ctx.args.wandb == "auto" else ctx.args.wandb
     mode = resolve_wandb_mode(requested)
     if mode == "disabled" or not files:
         return
-    import wandb
-
     log = ctx.cfg.log
     run_id = recorded_wandb_id(ctx.run_dir)
     kwargs = dict(project=log.project, entity=log.entity, dir=str(ctx.run_dir),
@@ -665,13 +663,7 @@ def log_to_wandb(ctx: Context, files: list[Path]) -> None:
     else:
         kwargs |= dict(job_type="analysis", name=f"{log.name or ctx.run_dir.name}-analysis", group=log.group,
                        tags=list(log.tags), config=ctx.cfg.model_dump(mode="json") | {"analysis_checkpoint": str(ctx.checkpoint)})
-    try:
-        run = wandb.init(mode=mode, **kwargs)
-    except Exception as err:  # an unreachable server must not lose the analysis: the files are on disk already
-        if mode != "online":
-            raise
-        print(f"W&B: online start failed ({err}); logging offline instead", file=sys.stderr)
-        run = wandb.init(mode="offline", **kwargs)
+    run = with_offline_fallback(mode, lambda chosen: wandb.init(mode=chosen, **kwargs))  # the files are on disk already
     payload = {}
     for path in files:
         if path.suffix == ".png":

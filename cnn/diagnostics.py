@@ -5,7 +5,7 @@
 - per-layer gradient norms `grad_norm/<layer>` (the loop logs only the global `train/grad_norm`),
   written to `<output_dir>/grad_norms.jsonl` and the W&B run.
 
-Both hang off the model the task builds, so the loop (harness/) needs no change.
+The task sets both up from `Task.on_train_start`, so the loop (harness/) needs no change.
 """
 from __future__ import annotations
 
@@ -18,17 +18,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from harness import checkpoint as ckpt
+from harness.errors import is_main_process
 
 PARAMETER_COLUMNS = ("name", "layer", "shape", "count", "trainable", "norm")
-
-
-def is_main_process() -> bool:
-    return PartialState().is_main_process
 
 
 def parameter_rows(model: nn.Module) -> list[dict]:
@@ -59,14 +54,12 @@ def parameter_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def report_parameters(model: nn.Module, cfg) -> Path | None:
-    """Write `<output_dir>/parameters.csv` and print the table (unless log.progress=none), on the main
-    process, when a training run starts: the run directory exists (the loop makes it before building
-    the model) and has no table yet, or the run starts over (resume=never). Inference rebuilding a
-    trained model stays quiet."""
-    run_dir = Path(cfg.output_dir)
-    path = run_dir / "parameters.csv"
-    if not run_dir.is_dir() or not is_main_process() or (path.exists() and cfg.resume != "never"):
+def report_parameters(model: nn.Module, cfg, run_dir: Path) -> Path | None:
+    """Write `<run_dir>/parameters.csv` and print the table (unless log.progress=none), on the main
+    process, when a training run starts (`Task.on_train_start`) and the run directory has no table
+    yet, or the run starts over (resume=never): a resumed run stays quiet."""
+    path = Path(run_dir) / "parameters.csv"
+    if not is_main_process() or (path.exists() and cfg.resume != "never"):
         return None
     rows = parameter_rows(model)
     if cfg.log.progress != "none":
@@ -75,16 +68,6 @@ def report_parameters(model: nn.Module, cfg) -> Path | None:
     tmp.write_text(parameter_csv(rows))
     tmp.replace(path)
     return path
-
-
-def resumed_step(cfg) -> int:
-    """The optimizer step the loop will continue from: the same checkpoint the loop resumes from."""
-    if cfg.resume == "never":
-        return 0
-    last = ckpt.readable(Path(cfg.output_dir) / "checkpoints" / "last") if cfg.resume == "auto" else Path(cfg.resume)
-    if last is None or not ckpt.is_complete(last):
-        return 0
-    return int(ckpt.read_meta(last)["step"])
 
 
 class LayerGradNorms:
@@ -159,9 +142,8 @@ class LayerGradNorms:
         return values
 
 
-def attach_layer_grad_norms(model: nn.Module, cfg) -> LayerGradNorms | None:
-    """Per-layer gradient norms for a training run (main process only)."""
-    run_dir = Path(cfg.output_dir)
-    if not run_dir.is_dir() or not is_main_process():
+def attach_layer_grad_norms(model: nn.Module, cfg, run_dir: Path, step: int) -> LayerGradNorms | None:
+    """Per-layer gradient norms for a training run continuing from update `step` (main process only)."""
+    if not is_main_process():
         return None
-    return LayerGradNorms(model, run_dir / "grad_norms.jsonl", cfg.log.every_steps, resumed_step(cfg))
+    return LayerGradNorms(model, Path(run_dir) / "grad_norms.jsonl", cfg.log.every_steps, step)

@@ -13,9 +13,9 @@ from torch.utils.data import Dataset
 from cnn.adversarial import FreePerturbation, RobustOutputs, fgsm, pgd
 from cnn.complexity import LocalComplexityProbe
 from cnn.data import AUGMENTATIONS, build_datasets, collate, dataset_spec
-from cnn.diagnostics import attach_layer_grad_norms, is_main_process, report_parameters
+from cnn.diagnostics import attach_layer_grad_norms, report_parameters
 from cnn.models import check_model_name, create_model
-from harness.errors import ConfigError
+from harness.errors import ConfigError, is_main_process
 from harness.task import Section, Task, register_task
 
 Augmentation = Literal[AUGMENTATIONS]
@@ -114,6 +114,9 @@ class CnnTask(Task):
         train_set, self.val_set = build_datasets(cfg.data, cfg.seed, cfg.trainer.num_workers)
         return train_set, self.val_set
 
+    def set_epoch(self, train_set, epoch: int) -> None:
+        train_set.set_epoch(epoch)  # augmentation seeded per (seed, epoch, index)
+
     def after_update(self, model: nn.Module, step: int) -> dict[str, float]:
         """diagnostics.local_complexity_every = N: lc/total and lc/<layer> every N updates, around a fixed
         seeded set of validation images, of the weights being trained (not the EMA copy). Only the main
@@ -127,18 +130,23 @@ class CnnTask(Task):
                                                  diag.local_complexity_radius, self.cfg.seed, tc.eval_batch_size or tc.batch_size)
         return self.lc_probe(model)
 
-    def build_model(self, cfg) -> nn.Module:
+    def build_model(self, cfg, *, from_checkpoint: bool = False) -> nn.Module:
         if cfg.adversarial.mode == "free" and cfg.trainer.batch_replays < 2:
             raise ConfigError("key 'adversarial.mode': free adversarial training replays each batch m times and strengthens "
                               "its perturbation on every replay; set trainer.batch_replays to m > 1 (Shafahi et al. use "
                               "m = 8 on CIFAR-10), which also divides the passes over the data by m")
         spec, m = dataset_spec(cfg.data), cfg.model
         model = create_model(m.name, in_channels=spec.channels, num_classes=spec.num_classes, mean=spec.mean, std=spec.std,
-                             width=m.width, norm=m.norm, dropout=m.dropout, pretrained_path=m.pretrained_path)
-        report_parameters(model, cfg)
-        if m.log_grad_norms:
-            attach_layer_grad_norms(model, cfg)
+                             width=m.width, norm=m.norm, dropout=m.dropout,
+                             pretrained_path=None if from_checkpoint else m.pretrained_path)
         return model
+
+    def on_train_start(self, model: nn.Module, run_dir, step: int) -> None:
+        """The parameter table (printed, parameters.csv) and, with model.log_grad_norms, the per-layer
+        gradient-norm hooks (cnn/diagnostics.py)."""
+        report_parameters(model, self.cfg, run_dir)
+        if self.cfg.model.log_grad_norms:
+            attach_layer_grad_norms(model, self.cfg, run_dir, step)
 
     def forward(self, model: nn.Module, batch):
         """Training: the logits of the batch, or with adversarial.mode of its adversarial examples (the
@@ -167,10 +175,6 @@ class CnnTask(Task):
         if adv.mode == "fgsm":  # Wong et al.: a uniform start in the eps ball makes one step enough
             return fgsm(model, images, labels, adv.eps, random_start=True, alpha=adv.alpha)
         return pgd(model, images, labels, adv.eps, adv.alpha or 2.5 * adv.eps / adv.train_steps, adv.train_steps)
-
-    def predict(self, model: nn.Module, batch) -> torch.Tensor:
-        """Clean logits: the robust evaluation is for metrics only."""
-        return model(batch[0])
 
     def loss(self, outputs, batch) -> torch.Tensor:
         logits = outputs.clean if isinstance(outputs, RobustOutputs) else outputs

@@ -130,7 +130,8 @@ class GwiTask(Task):
     """Batches are (seismic (B, 5, T, 70) float16/32, velocity (B, 1, 70, 70) float32, family index (B,))."""
 
     sections = {"data": GwiData, "model": GwiModel, "loss": GwiLoss}
-    tta: str = "none"  # "flip": predictions average the sample and its mirror image (see predict)
+    tta_modes = ("none", "flip")
+    tta: str = "none"  # of `predict`, set by predict_folder (infer.py --tta); "flip": see predict
 
     @cached_property
     def families(self) -> list[str]:
@@ -144,8 +145,13 @@ class GwiTask(Task):
         self.families = val.families
         return train, val
 
-    def build_model(self, cfg) -> nn.Module:
-        net = create_model(cfg.model.name, **cfg.model.model_dump(exclude={"name"}, exclude_none=True))
+    def set_epoch(self, train_set: SeismicPairs, epoch: int) -> None:
+        train_set.set_epoch(epoch)  # the flip augmentation is drawn per (seed, epoch, index)
+
+    def build_model(self, cfg, *, from_checkpoint: bool = False) -> nn.Module:
+        # pretrained_path only initialises the encoder: a checkpoint's weights replace it anyway.
+        init_only = {"pretrained_path"} if from_checkpoint else set()
+        net = create_model(cfg.model.name, **cfg.model.model_dump(exclude={"name", *init_only}, exclude_none=True))
         return GwiNet(SeismicInput(cfg.data.time_steps, cfg.data.normalize), net)
 
     def loss(self, outputs: torch.Tensor, batch) -> torch.Tensor:
@@ -166,6 +172,8 @@ class GwiTask(Task):
         return values
 
     def predict(self, model: nn.Module, batch) -> torch.Tensor:
+        """The velocity maps of a batch for submission and scoring (gwi.submission, the demo), with
+        the test-time augmentation `self.tta`."""
         seismic = batch[0]
         velocity = model(seismic).float()
         if self.tta == "flip":  # the mirrored sample's prediction, mirrored back
@@ -180,9 +188,10 @@ class GwiTask(Task):
             return {}
         return report(self.cfg, Path(run_dir), accelerator)
 
-    def predict_folder(self, model: nn.Module, folder: str, out: str | None, **options) -> dict:
+    def predict_folder(self, model: nn.Module, folder: str, out: str | None, *, tta: str = "none", **options) -> dict:
         """A test folder (`<id>.npy` files) -> the Kaggle submission CSV at `out`; a labelled folder
         (training layout) -> MAE overall, on odd columns and per family (+ predictions .npy)."""
+        self.tta = tta
         folder = Path(folder)
         if not folder.is_dir():
             raise UserError(f"--data {folder}: not a directory")

@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import wandb
+from wandb.sdk import wandb_setup
+
 from harness.checkpoint import read_meta
 from harness.errors import UserError
 from harness.tracking import has_wandb_credentials
@@ -65,8 +68,6 @@ class CheckpointUploader:
             self._log(Path(last_dir), "last", step)
 
     def _log(self, directory: Path, alias: str, step: int) -> None:
-        import wandb
-
         meta = {key: value for key, value in read_meta(directory).items() if key != "config"}  # config is in meta.json
         artifact = wandb.Artifact(artifact_name(self.run), type=ARTIFACT_TYPE, metadata=_finite(meta))
         for path in sorted(p for p in directory.rglob("*") if p.is_file()):
@@ -107,9 +108,6 @@ def resolve_checkpoint(spec: str) -> str:
     if not has_wandb_credentials():
         raise UserError(f"--checkpoint {spec}: downloading a W&B artifact needs an API key (WANDB_API_KEY "
                         f"or `wandb login`): none found; log in, {fetch_elsewhere}")
-    import wandb
-    from wandb.sdk import wandb_setup
-
     # wandb's client retries a refused connection with back-off for a minute or more; a machine
     # without network should hear so at once. Behind a proxy a direct connection proves nothing.
     server = wandb_setup.singleton().settings.base_url

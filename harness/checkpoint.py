@@ -48,7 +48,7 @@ def load_weights(module: torch.nn.Module, checkpoint: str | os.PathLike) -> dict
     """Load `weights.safetensors` of a checkpoint directory (or a run directory: its best) into
     `module`; returns the checkpoint's meta."""
     directory = resolve(checkpoint)
-    missing, unexpected = load_model(module, str(directory / WEIGHTS), strict=True)
+    load_model(module, str(directory / WEIGHTS), strict=True)  # strict: a missing or unexpected key raises
     return read_meta(directory)
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from harness import checkpoint as ckpt
 from harness.artifacts import resolve_checkpoint
 from harness.config import BaseRunConfig, apply_overrides, validate
-from harness.errors import ConfigError
+from harness.errors import ConfigError, UserError
 from harness.loop import evaluate
 from harness.task import Task, get_task
 
@@ -47,10 +47,8 @@ def load_ensemble(paths: list[str], overrides: list[str] = ()) -> tuple[Task, Ba
             cfg = checkpoint_config(path, overrides)
         except FileNotFoundError as err:
             raise ConfigError(f"--checkpoint {path}: {err}") from None
-        if getattr(cfg.model, "pretrained_path", None):  # init-only: the checkpoint has the trained weights, and
-            cfg.model.pretrained_path = None               # the file is usually not on the predicting machine
         task = get_task(cfg.task, cfg)
-        model = task.build_model(cfg)
+        model = task.build_model(cfg, from_checkpoint=True)
         ckpt.load_weights(model, path)
         members.append(model.eval())
         configs.append(cfg)
@@ -67,7 +65,7 @@ def evaluate_checkpoints(paths: list[str], overrides: list[str] = (), batch_size
     accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision)
     _, val_set = task.build_datasets(cfg)
     loader = DataLoader(val_set, batch_size=batch_size or cfg.trainer.eval_batch_size or cfg.trainer.batch_size,
-                        collate_fn=getattr(task, "collate_fn", None))
+                        collate_fn=task.collate_fn)
     model, loader = accelerator.prepare(model, loader)
     metrics = evaluate(accelerator, task, model, loader)
     return {"checkpoints": [str(ckpt.resolve(p)) for p in paths], **{f"val/{k}": v for k, v in metrics.items()}}
@@ -85,11 +83,12 @@ def predict_folder(paths: list[str], data: str, out: str | None, tta: str, batch
     task's physics options (gwi: misfit / refinement, `gwi.submission.PhysicsOptions`), passed on
     only when given, on the same device as the model."""
     task, cfg, model = load_ensemble(paths, overrides)
-    task.tta = tta
+    if tta not in task.tta_modes:
+        raise UserError(f"--tta {tta}: task {task.name!r} has no such test-time augmentation; it has: {', '.join(task.tta_modes)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.mixed_precision)
     extra = {"physics": physics} if physics else {}
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda"):
-        return task.predict_folder(model, data, out, batch_size=batch_size or cfg.trainer.eval_batch_size or cfg.trainer.batch_size,
+        return task.predict_folder(model, data, out, tta=tta, batch_size=batch_size or cfg.trainer.eval_batch_size or cfg.trainer.batch_size,
                                    num_workers=num_workers, device=device, save_predictions=save_predictions, **extra)

@@ -1,8 +1,10 @@
 """The training loop every task shares. It knows nothing about seismic or digits: it talks to a `Task`.
 
 Read top to bottom: set-up (Accelerator, data, model, optimizer, schedule, EMA, resume, W&B), then
-the loop (forward, loss, backward, clip, step, schedule, EMA, log, evaluate, checkpoint), then the
-exits (end, SIGTERM/SIGINT, time budget, NaN).
+the loop (the update step, schedule, EMA, log, evaluate, checkpoint), then the exits (end,
+SIGTERM/SIGINT, time budget, NaN). The set-up of data and model (`build_training`) and the update
+step (`UpdateStep`: forward, loss, backward, SAM, clip, optimizer step) are below `train`, shared
+with the LR finder.
 """
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ import os
 import signal
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import accelerate.optimizer
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch import nn
 from torch.utils.data import DataLoader
 
 from harness.artifacts import CheckpointUploader
@@ -67,17 +71,10 @@ def train(cfg: BaseRunConfig) -> dict:
         save_yaml(cfg, run_dir / "config.yaml")
 
     # ---- data and model -------------------------------------------------------------------------
-    train_set, val_set = task.build_datasets(cfg)
-    train_loader, val_loader = make_loaders(cfg, task, train_set, val_set)
-    model = task.build_model(cfg)
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optim, model)
-    sam = make_sam(cfg, model)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    raw_model = accelerator.unwrap_model(model)
-    if tc.compile:
-        model = torch.compile(model)
+    parts = build_training(cfg, task, accelerator, compile=tc.compile)
+    train_loader, val_loader = parts.train_loader, parts.val_loader
+    model, raw_model, optimizer = parts.model, parts.raw_model, parts.optimizer
+    update_step = UpdateStep(accelerator, task, model, optimizer, parts.sam, tc.grad_clip, tc.channels_last, tc.on_nonfinite)
 
     updates_per_epoch = math.ceil(len(train_loader) / tc.grad_accum_steps)
     total_steps = tc.max_steps or tc.epochs * updates_per_epoch
@@ -109,6 +106,7 @@ def train(cfg: BaseRunConfig) -> dict:
             accelerator.print(f"note: the schedule grows from {state.total_steps} to {total_steps} updates")
         accelerator.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
     state.total_steps = total_steps
+    task.on_train_start(raw_model, run_dir, state.step)
 
     state.wandb_run_id = start_wandb(accelerator, cfg, run_dir, state.wandb_run_id) or state.wandb_run_id
     tracker = Tracker(accelerator, run_dir, total_steps, state.step, cfg.log.progress, cfg.log.every_steps)
@@ -156,42 +154,26 @@ def train(cfg: BaseRunConfig) -> dict:
     window_start = time.perf_counter()
     try:
         while state.step < total_steps and (tc.max_steps or state.epoch < tc.epochs):
-            train_loader.set_epoch(state.epoch)
-            if hasattr(train_set, "set_epoch"):
-                train_set.set_epoch(state.epoch)
+            start_epoch(task, train_loader, state.epoch)
             batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
             model.train()
             for batch, last_replay in replayed(batches, tc.batch_replays):
-                if tc.channels_last:
-                    batch = to_channels_last(batch)
-                with accelerator.accumulate(model):
-                    outputs = task.forward(model, batch)
-                    loss = task.loss(outputs, batch)
-                    # One small all-reduce tells every process whether any saw a non-finite loss or a
-                    # stop request, so all of them take the same branch (no collective is left hanging).
-                    bad_loss, stop_now = any_process(accelerator, not torch.isfinite(loss.detach()).item(),
-                                                     bool(stop_requested) or (deadline is not None and time.monotonic() > deadline))
-                    if bad_loss and tc.on_nonfinite == "stop":
-                        raise RunFailed(f"non-finite loss ({loss.item()}) at step {state.step}, epoch {state.epoch}: "
-                                        f"the run stops; the last good checkpoint is kept in {run_dir / 'checkpoints'}. "
-                                        "Lower optim.lr, enable trainer.grad_clip, or set trainer.on_nonfinite=skip.")
-                    if not bad_loss:
-                        accelerator.backward(loss)
-                        if sam is not None:  # the update uses the gradient at the worst weights within sam_rho
-                            with sam.perturbed(model):
-                                optimizer.zero_grad(set_to_none=True)
-                                accelerator.backward(task.loss(task.forward(model, batch), batch))
-                    window["skipped_batches"] += float(bad_loss)
-                    window["loss"] += 0.0 if bad_loss else loss.detach().float()
-                    window["samples"] += task.batch_size(batch) * accelerator.num_processes
-                    window["batches"] += 1
-                    if accelerator.sync_gradients:
-                        if tc.grad_clip is not None:
-                            window["grad_norm"] += accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip).float()
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                # The stop request travels with the step's non-finite check: one all-reduce for both.
+                try:
+                    done = update_step(batch, bool(stop_requested) or (deadline is not None and time.monotonic() > deadline))
+                except NonFiniteLoss as err:
+                    raise RunFailed(f"{err} at step {state.step}, epoch {state.epoch}: "
+                                    f"the run stops; the last good checkpoint is kept in {run_dir / 'checkpoints'}. "
+                                    "Lower optim.lr, enable trainer.grad_clip, or set trainer.on_nonfinite=skip.") from None
+                (stop_now,) = done.flags
+                window["skipped_batches"] += float(done.loss is None)
+                window["loss"] += 0.0 if done.loss is None else done.loss
+                window["samples"] += task.batch_size(batch) * accelerator.num_processes
+                window["batches"] += 1
+                if done.grad_norm is not None:
+                    window["grad_norm"] += done.grad_norm.float()
                 state.batches_in_epoch += int(last_replay)
-                if not accelerator.sync_gradients:
+                if not done.updated:
                     continue
 
                 # ---- one optimizer update is done ----
@@ -278,10 +260,40 @@ def make_accelerator(cfg, log_with=None) -> Accelerator:
     return accelerator
 
 
+@dataclass
+class Training:
+    """What a run trains, built alike for the loop and the LR finder (`build_training`)."""
+
+    train_loader: DataLoader  # prepared by the Accelerator, as is val_loader
+    val_loader: DataLoader
+    model: nn.Module  # prepared (DDP-wrapped across processes) and compiled with trainer.compile
+    raw_model: nn.Module  # the same weights unwrapped: what EMA copies and checkpoints save
+    optimizer: torch.optim.Optimizer
+    sam: SharpnessAware | None
+
+
+def build_training(cfg, task, accelerator: Accelerator, compile: bool) -> Training:
+    """The task's data and model, the loaders, channels_last, the optimizer and SAM, prepared by
+    `accelerator` (see `make_accelerator`)."""
+    tc = cfg.trainer
+    train_set, val_set = task.build_datasets(cfg)
+    train_loader, val_loader = make_loaders(cfg, task, train_set, val_set)
+    model = task.build_model(cfg)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optim, model)
+    sam = make_sam(cfg, model)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    raw_model = accelerator.unwrap_model(model)
+    if compile:
+        model = torch.compile(model)
+    return Training(train_loader, val_loader, model, raw_model, optimizer, sam)
+
+
 def make_loaders(cfg, task, train_set, val_set) -> tuple[DataLoader, DataLoader]:
     tc = cfg.trainer
     loader_args = dict(num_workers=tc.num_workers, pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                       collate_fn=getattr(task, "collate_fn", None), worker_init_fn=ignore_stop_signals)
+                       collate_fn=task.collate_fn, worker_init_fn=ignore_stop_signals)
     train_loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, drop_last=True,
                               # Its own generator: creating an iterator must not draw from the global
                               # RNG, or a resumed run's dropout would diverge from a straight one.
@@ -299,6 +311,73 @@ def make_sam(cfg, model) -> SharpnessAware | None:
         raise ConfigError("key 'optim.sam_rho': SAM perturbs the weights with the gradient of the whole update, "
                           "which grad accumulation splits over micro-batches; use trainer.grad_accum_steps=1")
     return SharpnessAware(model.parameters(), cfg.optim.sam_rho, cfg.optim.sam_adaptive, cfg.optim.sam_eta)
+
+
+def start_epoch(task, loader, epoch: int) -> None:
+    """Before each pass over the training data: the sampler's order and the task's augmentation
+    become functions of (seed, epoch)."""
+    if hasattr(loader, "set_epoch"):  # Accelerate's prepared loaders; a plain DataLoader has no epochs
+        loader.set_epoch(epoch)
+    task.set_epoch(loader.dataset, epoch)
+
+
+class NonFiniteLoss(RunFailed):
+    """A micro-batch's loss was NaN or infinite (on some process) under trainer.on_nonfinite=stop;
+    each caller of `UpdateStep` says what stopping means for it."""
+
+    def __init__(self, loss: float):
+        super().__init__(f"non-finite loss ({loss})")
+        self.loss = loss
+
+
+@dataclass
+class StepResult:
+    """What `UpdateStep` did with one micro-batch."""
+
+    loss: torch.Tensor | None  # its loss, detached float32; None when skipped as non-finite
+    updated: bool  # it completed an optimizer update (the last micro-batch of a grad-accumulation cycle)
+    grad_norm: torch.Tensor | None  # that update's gradient norm before clipping, with grad_clip
+    flags: list[bool]  # the caller's flags, each OR'ed across processes
+
+
+class UpdateStep:
+    """The training step, one micro-batch per call, for the loop and the LR finder alike: forward
+    and loss (under the autocast of Accelerate's prepared model), the non-finite check every process
+    agrees on (`on_nonfinite`: "stop" raises NonFiniteLoss, "skip" leaves the micro-batch out and says
+    so), backward (through the fp16 grad scaler if any), SAM's second pass, and on the micro-batch
+    that completes a grad-accumulation cycle: clipping, the optimizer step (which the scaler skips
+    after an overflow) and clearing the gradients. Batch replays come from `replayed`."""
+
+    def __init__(self, accelerator: Accelerator, task, model: nn.Module, optimizer, sam: SharpnessAware | None = None,
+                 grad_clip: float | None = None, channels_last: bool = False, on_nonfinite: str = "stop"):
+        self.accelerator, self.task, self.model, self.optimizer, self.sam = accelerator, task, model, optimizer, sam
+        self.grad_clip, self.channels_last, self.on_nonfinite = grad_clip, channels_last, on_nonfinite
+
+    def __call__(self, batch, *flags: bool) -> StepResult:
+        accelerator, task, model, optimizer = self.accelerator, self.task, self.model, self.optimizer
+        if self.channels_last:
+            batch = to_channels_last(batch)
+        grad_norm = None
+        with accelerator.accumulate(model):
+            loss = task.loss(task.forward(model, batch), batch)
+            # One small all-reduce tells every process whether any saw a non-finite loss (and the
+            # caller's flags, e.g. a stop request), so all of them take the same branch: a backward
+            # skipped on one process alone would leave the others waiting in DDP's all-reduce.
+            bad, *flags = any_process(accelerator, not torch.isfinite(loss.detach()).item(), *flags)
+            if bad and self.on_nonfinite == "stop":
+                raise NonFiniteLoss(loss.item())
+            if not bad:
+                accelerator.backward(loss)
+                if self.sam is not None:  # the update uses the gradient at the worst weights within sam_rho
+                    with self.sam.perturbed(model):
+                        optimizer.zero_grad(set_to_none=True)
+                        accelerator.backward(task.loss(task.forward(model, batch), batch))
+            if accelerator.sync_gradients:
+                if self.grad_clip is not None:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return StepResult(None if bad else loss.detach().float(), accelerator.sync_gradients, grad_norm, flags)
 
 
 def replayed(batches, replays: int):

@@ -3,15 +3,21 @@
     python -m harness.lr_find CONFIG [key=value ...]
         [--start-lr 1e-7] [--end-lr 10] [--steps 100] [--beta 0.98] [--diverge 4]
 
-Everything is built from the config exactly as `train.py` builds it (Accelerator with
-trainer.mixed_precision and grad accumulation, the training DataLoader, the model, the optimizer from
-the optim section with its weight decay, momentum and parameter groups, gradient clipping, SAM),
-starting from the initial weights (a checkpoint in output_dir is neither read nor touched). Then, one optimizer update per step, the learning rate rises exponentially from --start-lr to
---end-lr over --steps updates (the loader is cycled when it is shorter), and the training loss of
-each update is recorded. The loss is smoothed by an exponential moving average with bias correction
-(beta); the sweep stops early once the smoothed loss exceeds --diverge (4) times its best value, or
-is not finite. Afterwards the weights (BatchNorm buffers included), the optimizer state, the grad
-scaler and the RNG states are put back exactly as they were.
+Everything is built from the config exactly as `train.py` builds it (harness.loop's
+`build_training`: Accelerator with trainer.mixed_precision and grad accumulation, the training
+DataLoader, the model, the optimizer from the optim section with its weight decay, momentum and
+parameter groups, SAM), starting from the initial weights (a checkpoint in output_dir is neither
+read nor touched), and each update is the loop's own (`UpdateStep`: clipping, SAM, batch replays,
+trainer.on_nonfinite). Then, one optimizer update per step, the learning rate rises exponentially
+from --start-lr to --end-lr over --steps updates (the loader is cycled when it is shorter), and the
+training loss of each update is recorded. The loss is smoothed by an exponential moving average with
+bias correction (beta); the sweep stops early once the smoothed loss exceeds --diverge (4) times its
+best value, or is not finite. A non-finite loss under trainer.on_nonfinite=stop (the default) ends
+the sweep there, without applying that update: a range test expects to blow up at some lr, so this
+is its end, not an error. Under trainer.on_nonfinite=skip such micro-batches are left out as in
+training and counted; an update left without any is not recorded. Afterwards the weights (BatchNorm
+buffers included), the optimizer state, the grad scaler and the RNG states are put back exactly as
+they were.
 
 Suggested learning rate: the one at the steepest descent of the smoothed loss against log(lr); the
 lr of the smallest smoothed loss divided by 10 is reported too. Both are printed; the curve goes to
@@ -25,7 +31,6 @@ import argparse
 import copy
 import csv
 import math
-import os
 import random
 import sys
 from contextlib import contextmanager
@@ -38,8 +43,8 @@ from tqdm.auto import tqdm
 
 from harness.cli import run_cli
 from harness.errors import UserError, print_user_error
-from harness.loop import any_process, make_accelerator, make_loaders, make_sam, replayed, to_channels_last
-from harness.optim import build_optimizer
+from harness.loop import NonFiniteLoss, UpdateStep, build_training, make_accelerator, replayed, start_epoch
+from harness.plots import plt  # pyplot with the files-only backend, chosen once there
 from harness.sam import SharpnessAware
 from harness.task import get_task
 
@@ -115,65 +120,49 @@ def restored(model: torch.nn.Module, optimizer, accelerator: Accelerator | None 
         model.train(was_training)
 
 
-def cycled(loader, dataset=None):
+def cycled(loader, task):
     """The loader's batches, epoch after epoch, each epoch announced as the training loop does."""
     epoch = 0
     while True:
-        for source in (loader, dataset):
-            if hasattr(source, "set_epoch"):
-                source.set_epoch(epoch)
+        start_epoch(task, loader, epoch)
         yield from loader
         epoch += 1
 
 
-def one_update(accelerator: Accelerator, task, model: torch.nn.Module, optimizer, batches, grad_clip: float | None = None,
-               sam: SharpnessAware | None = None, channels_last: bool = False) -> torch.Tensor:
-    """One optimizer update as the training loop does it (its micro-batches under accelerator.accumulate,
-    SAM's second pass, clipping); returns its loss, the mean over its micro-batches. When a loss is
-    not finite nothing is applied (the sweep stops there anyway)."""
-    micro_losses, bad = [], False
+def one_update(step: UpdateStep, batches) -> tuple[torch.Tensor | None, int]:
+    """One optimizer update of the training loop (`step`, one micro-batch per call, until one
+    completes the update): (the mean loss of its micro-batches that were not skipped, None when all
+    were; how many were skipped). Raises NonFiniteLoss under on_nonfinite=stop, before applying it."""
+    losses, skipped = [], 0
     while True:
         batch, _ = next(batches)
-        if channels_last:
-            batch = to_channels_last(batch)
-        with accelerator.accumulate(model):
-            loss = task.loss(task.forward(model, batch), batch)
-            # Every process takes the same branch, or a skipped backward would leave the others
-            # waiting in DDP's gradient all-reduce.
-            (bad_here,) = any_process(accelerator, not torch.isfinite(loss.detach()).item())
-            bad = bad or bad_here
-            if not bad_here:
-                accelerator.backward(loss)
-                if sam is not None:
-                    with sam.perturbed(model):
-                        optimizer.zero_grad(set_to_none=True)
-                        accelerator.backward(task.loss(task.forward(model, batch), batch))
-            micro_losses.append(loss.detach().float())
-            if accelerator.sync_gradients:
-                if not bad:
-                    if grad_clip is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients:
-            return torch.stack(micro_losses).mean()
+        done = step(batch)
+        if done.loss is None:
+            skipped += 1
+        else:
+            losses.append(done.loss)
+        if done.updated:
+            return (torch.stack(losses).mean() if losses else None), skipped
 
 
 def range_test(accelerator: Accelerator, task, model: torch.nn.Module, optimizer, loader, lrs, *, beta: float = BETA,
                diverge: float = DIVERGE, grad_clip: float | None = None, sam: SharpnessAware | None = None,
-               batch_replays: int = 1, channels_last: bool = False, progress: bool = False) -> dict:
+               batch_replays: int = 1, channels_last: bool = False, on_nonfinite: str = "stop", progress: bool = False) -> dict:
     """One optimizer update (`one_update`) at each learning rate of `lrs` (the first parameter
     group's; the other groups keep their ratio to it). Stops early when the smoothed loss is not
     finite or exceeds `diverge` times its best (the rule assumes a positive loss, so it applies once
-    the best is > 0). Model, optimizer and RNG states are restored afterwards (`restored`).
+    the best is > 0), and, with on_nonfinite="stop", at a non-finite loss (recorded as such; that
+    update is not applied). Model, optimizer and RNG states are restored afterwards (`restored`).
 
-    Returns {"lr": [...], "loss": [...], "smoothed": [...], "stopped": "end" | "diverged" | "non-finite"},
-    one entry per update done; a loss is the mean over the update's micro-batches and processes."""
+    Returns {"lr": [...], "loss": [...], "smoothed": [...], "stopped": "end" | "diverged" | "non-finite",
+    "skipped_batches": n}, one entry per update recorded; a loss is the mean over the update's
+    micro-batches (those not skipped) and processes."""
     base = optimizer.param_groups[0]["lr"]
     ratios = [group["lr"] / base if base else 1.0 for group in optimizer.param_groups]
-    record = {"lr": [], "loss": [], "smoothed": [], "stopped": "end"}
+    record = {"lr": [], "loss": [], "smoothed": [], "stopped": "end", "skipped_batches": 0}
     smoother, best = SmoothedLoss(beta), math.inf
-    batches = replayed(cycled(loader, getattr(loader, "dataset", None)), batch_replays)
+    step = UpdateStep(accelerator, task, model, optimizer, sam, grad_clip, channels_last, on_nonfinite)
+    batches = replayed(cycled(loader, task), batch_replays)
     bar = tqdm(total=len(lrs), desc="lr find", unit="step", dynamic_ncols=True, disable=not progress)
     try:
         with restored(model, optimizer, accelerator), bar:
@@ -181,14 +170,20 @@ def range_test(accelerator: Accelerator, task, model: torch.nn.Module, optimizer
             for lr in lrs:
                 for group, ratio in zip(optimizer.param_groups, ratios):
                     group["lr"] = float(lr) * ratio
-                loss = one_update(accelerator, task, model, optimizer, batches, grad_clip, sam, channels_last)
+                try:
+                    loss, skipped = one_update(step, batches)
+                except NonFiniteLoss:  # every process raises it: the sweep ends at this lr, recorded as NaN
+                    loss, skipped = torch.tensor(math.nan, device=accelerator.device), 0
+                record["skipped_batches"] += skipped
+                bar.update()
+                if loss is None:  # every micro-batch of the update skipped: no loss at this lr
+                    continue
                 if accelerator.num_processes > 1:
                     loss = accelerator.reduce(loss, reduction="mean")
                 smoothed = smoother.update(float(loss))
                 record["lr"].append(float(optimizer.param_groups[0]["lr"]))
                 record["loss"].append(float(loss))
                 record["smoothed"].append(smoothed)
-                bar.update()
                 bar.set_postfix({"lr": f"{lr:.2e}", "loss": f"{smoothed:.4g}"}, refresh=False)
                 if not math.isfinite(smoothed):
                     record["stopped"] = "non-finite"
@@ -243,11 +238,6 @@ def write_csv(record: dict, path: Path) -> None:
 
 
 def plot(record: dict, found: dict, path: Path, title: str, diverge: float = DIVERGE) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on rented machines
-    import matplotlib.pyplot as plt
-
     lrs, losses, smoothed = (np.asarray(record[k], dtype=float) for k in ("lr", "loss", "smoothed"))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(lrs, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
@@ -289,28 +279,18 @@ def lr_find(cfg, start_lr: float = START_LR, end_lr: float = END_LR, steps: int 
     task = get_task(cfg.task, cfg)
     tc = cfg.trainer
     run_dir = Path(cfg.output_dir)
-    # The Accelerator and the loader as harness.loop.train makes them (no trackers: a sweep is not a run).
+    # As harness.loop.train makes them (no trackers: a sweep is not a run; no Task.on_train_start, so
+    # nothing is added to a run in output_dir). No torch.compile even with trainer.compile: compiling
+    # would take longer than the sweep itself and does not change the losses.
     accelerator = make_accelerator(cfg)
-    train_loader, _ = make_loaders(cfg, task, *task.build_datasets(cfg))
-
-    # A task may write run files from build_model when output_dir is a folder (cnn: parameters.csv,
-    # the per-layer grad-norm hooks); a sweep is not a training run and must not add to one, so the
-    # model is built with output_dir pointing at something that is not a folder.
-    model = task.build_model(cfg.model_copy(update={"output_dir": os.devnull}))
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optim, model)
-    sam = make_sam(cfg, model)
-    # No torch.compile even with trainer.compile: compiling would take longer than the sweep itself
-    # and does not change the losses.
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    parts = build_training(cfg, task, accelerator, compile=False)
 
     progress = cfg.log.progress
     show_bar = accelerator.is_main_process and (progress == "bar" or (progress == "auto" and sys.stderr.isatty()))
     lrs = exponential_lrs(start_lr, end_lr, steps)
-    record = range_test(accelerator, task, model, optimizer, train_loader, lrs, beta=beta, diverge=diverge,
-                        grad_clip=tc.grad_clip, sam=sam, batch_replays=tc.batch_replays,
-                        channels_last=tc.channels_last, progress=show_bar)
+    record = range_test(accelerator, task, parts.model, parts.optimizer, parts.train_loader, lrs, beta=beta, diverge=diverge,
+                        grad_clip=tc.grad_clip, sam=parts.sam, batch_replays=tc.batch_replays,
+                        channels_last=tc.channels_last, on_nonfinite=tc.on_nonfinite, progress=show_bar)
     found = suggest(record["lr"], record["smoothed"])
     result = record | found | {"steps": len(record["lr"]), "png": str(run_dir / "lr_find.png"),
                                "csv": str(run_dir / "lr_find.csv")}
@@ -328,14 +308,17 @@ def lr_find(cfg, start_lr: float = START_LR, end_lr: float = END_LR, steps: int 
 def report_lines(result: dict, start_lr: float, diverge: float) -> list[str]:
     why = {"end": "the end of the sweep", "diverged": f"smoothed loss above {diverge:g}x its best",
            "non-finite": "non-finite loss"}[result["stopped"]]
-    lines = [f"lr find: {result['steps']} updates, lr {start_lr:.1e} to {result['lr'][-1]:.2e} (stopped: {why})"]
+    swept = f", lr {start_lr:.1e} to {result['lr'][-1]:.2e}" if result["lr"] else ""  # empty: every update skipped
+    lines = [f"lr find: {result['steps']} updates{swept} (stopped: {why})"]
+    if result["skipped_batches"]:
+        lines.append(f"skipped {result['skipped_batches']} micro-batches with a non-finite loss (trainer.on_nonfinite=skip)")
     if result["suggested_lr"] is None:
         lines.append("no suggestion: the smoothed loss did not fall over enough of the sweep; try more --steps or another "
                      "--start-lr / --end-lr")
     else:
         lines.append(f"suggested lr {result['suggested_lr']:.2e} (steepest descent of the smoothed loss); "
                      f"minimum-loss lr / 10: {result['min_lr_div10']:.2e}")
-    if result["stopped"] == "end" and result["min_lr"] == result["lr"][-1]:
+    if result["stopped"] == "end" and result["lr"] and result["min_lr"] == result["lr"][-1]:
         lines.append("note: the loss was still falling at the end of the sweep; a larger --end-lr shows more")
     lines.append(f"wrote {result['png']} and {result['csv']}")
     return lines

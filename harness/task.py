@@ -8,6 +8,8 @@ never loads the task stack.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from accelerate.utils import find_batch_size
@@ -27,22 +29,42 @@ class Section(BaseModel):
 class Task:
     """Subclass and override. `cfg` is the whole validated run config (`harness.config.RunConfig`);
     the task's own sections (`sections`) are reachable as attributes, e.g. `cfg.data.root`. The
-    instance keeps it as `self.cfg`, so `loss` and `metrics` can read their options."""
+    instance keeps it as `self.cfg`, so `loss` and `metrics` can read their options.
+
+    Every method and attribute here is one the harness uses; nothing else of a task is read."""
 
     name: str = ""
     # Config sections this task owns, e.g. {"data": GwiData, "model": GwiModel, "loss": GwiLoss}.
     sections: dict[str, type[Section]] = {}
+    # The DataLoaders' collate function (training, evaluation, the LR finder); None: PyTorch's default.
+    # A plain function (e.g. `staticmethod(f)`), so DataLoader workers need not pickle the task.
+    collate_fn: Callable | None = None
+    # The test-time augmentations `predict_folder` accepts (infer.py --tta); "none" is always one.
+    tta_modes: tuple[str, ...] = ("none",)
 
     def __init__(self, cfg=None):
         self.cfg = cfg
 
     def build_datasets(self, cfg) -> tuple[Dataset, Dataset]:
-        """(train, val). A dataset with `set_epoch(epoch)` is told the epoch before each pass, so its
-        random augmentation can be a function of (seed, epoch, index) and resume exactly."""
+        """(train, val)."""
         raise NotImplementedError
 
-    def build_model(self, cfg) -> nn.Module:
+    def set_epoch(self, train_set: Dataset, epoch: int) -> None:
+        """Called before each pass over the training set (also a resumed one, and each cycle of the LR
+        finder), so random augmentation can be a function of (seed, epoch, index) and resume exactly;
+        e.g. pass it on to the dataset. The default does nothing."""
+
+    def build_model(self, cfg, *, from_checkpoint: bool = False) -> nn.Module:
+        """The model, and nothing else: no files, no printing (that is `on_train_start`). With
+        `from_checkpoint` the weights are loaded from a checkpoint next (inference): skip what only
+        initialises them, such as a pretrained-weights file, usually absent on the predicting machine."""
         raise NotImplementedError
+
+    def on_train_start(self, model: nn.Module, run_dir: Path, step: int) -> None:
+        """Called on every process once per training run (a resumed one too), after the model is
+        built and the state restored, before the first update: `model` is the (unwrapped) model to
+        train, `step` the update the run continues from (0 when it starts). E.g. write a parameter
+        table into `run_dir` or attach diagnostic hooks. Not called by the LR finder or inference."""
 
     def forward(self, model: nn.Module, batch):
         """Run the model on a batch; the default takes the batch's first element as the input."""
@@ -58,13 +80,11 @@ class Task:
         averages the non-NaN values. Must include "loss"."""
         raise NotImplementedError
 
-    def predict(self, model: nn.Module, batch) -> torch.Tensor:
-        """Inference-time prediction (e.g. with test-time augmentation); defaults to `forward`."""
-        return self.forward(model, batch)
-
-    def predict_folder(self, model: nn.Module, folder: str, out: str | None, **options) -> dict:
+    def predict_folder(self, model: nn.Module, folder: str, out: str | None, *, tta: str = "none", **options) -> dict:
         """Predict for a folder of files (infer.py --data): write `out` in the task's own format
-        (e.g. a competition submission) or score a labelled folder; returns a summary to print."""
+        (e.g. a competition submission) or score a labelled folder; returns a summary to print.
+        `tta` is one of `tta_modes`; `options`: batch_size, num_workers, device, save_predictions
+        and the task's own (e.g. gwi's physics)."""
         raise UserError(f"task {self.name!r} has no folder inference (infer.py --data)")
 
     def after_update(self, model: nn.Module, step: int) -> dict[str, float]:

@@ -10,9 +10,12 @@ import netrc
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
+import wandb
 from tqdm.auto import tqdm
 
 from harness.errors import ConfigError
@@ -38,18 +41,33 @@ def resolve_wandb_mode(requested: str) -> str:
     return requested
 
 
+Started = TypeVar("Started")
+
+
+def with_offline_fallback(mode: str, start: Callable[[str], Started]) -> Started:
+    """`start(mode)`; when an online start fails (the server cannot be reached, a bad key), say so and
+    `start("offline")` instead: an unreachable server must not kill a training run or lose an
+    analysis. Used by training (`start_wandb`) and cnn.analyze."""
+    try:
+        return start(mode)
+    except Exception as err:
+        if mode != "online":
+            raise
+        print(f"W&B: online start failed ({err}); logging offline instead", file=sys.stderr)
+        return start("offline")
+
+
 def start_wandb(accelerator, cfg, run_dir: Path, run_id: str | None) -> str | None:
     """Start the W&B run on the main process through Accelerate's tracker; returns the run id (kept in
     the checkpoint so a resumed run continues the same W&B run)."""
     mode = resolve_wandb_mode(cfg.log.wandb)
     if mode == "disabled":
         return None
-    import wandb
-
     run_id = choose_run_id(run_id, cfg, say=accelerator.print)
     in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
 
     def init(mode: str):
+        accelerator.trackers.clear()  # what a failed online start left behind
         kwargs = dict(
             mode=mode, dir=str(run_dir), name=cfg.log.name or run_dir.name, group=cfg.log.group,
             tags=list(cfg.log.tags), entity=cfg.log.entity, resume="allow" if run_id else None,
@@ -59,14 +77,7 @@ def start_wandb(accelerator, cfg, run_dir: Path, run_id: str | None) -> str | No
         )
         accelerator.init_trackers(cfg.log.project, config=cfg.model_dump(mode="json"), init_kwargs={"wandb": kwargs})
 
-    try:
-        init(mode)
-    except Exception as err:  # an online run that cannot reach the server must not kill training
-        if mode != "online":
-            raise
-        print(f"W&B: online start failed ({err}); logging offline instead", file=sys.stderr)
-        accelerator.trackers.clear()
-        init("offline")
+    with_offline_fallback(mode, init)
     run = accelerator.get_tracker("wandb", unwrap=True) if accelerator.is_main_process else None
     return getattr(run, "id", None)
 

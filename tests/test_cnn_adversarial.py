@@ -210,7 +210,6 @@ def test_plain_runs_are_unchanged_and_robust_evaluation_returns_both_logits(mode
     assert set(metrics) == {"loss", "acc", "robust_loss", "robust_acc"} and all(v.shape == (32,) for v in metrics.values())
     assert metrics["robust_acc"].mean() < metrics["acc"].mean() - 0.4
     assert robust.loss(outputs, batch).item() == pytest.approx(plain.loss(model(batch[0]), batch).item())
-    assert torch.equal(robust.predict(model, batch), model(batch[0]))  # predictions stay clean
 
 
 # ---- train.py end to end -----------------------------------------------------------------------------

@@ -110,16 +110,18 @@ def test_timm_models_load_pretrained_weights_from_a_local_file_only(tmp_path):
 
 
 def test_parameter_table_is_printed_and_written_once_per_run(tmp_path, capsys):
-    task = get_task("cnn")
     cfg = load_config(SMOKE_CNN, [f"output_dir={tmp_path}", "model.name=resnet9", "model.width=8"])
+    task = get_task("cnn", cfg)
     model = task.build_model(cfg)
+    assert capsys.readouterr().out == "" and not any(tmp_path.iterdir())  # building the model has no side effects
+    task.on_train_start(model, tmp_path, 0)  # the loop's call when the run starts
     printed = capsys.readouterr().out
     assert "parameters of resnet9" in printed and "net.layer1.residual.body.0.conv.weight" in printed
     assert f"total {count(model):,} parameters" in printed
     lines = (tmp_path / "parameters.csv").read_text().splitlines()
     assert lines[0] == "name,layer,shape,count,trainable,norm" and len(lines) == 1 + len(list(model.parameters()))
     assert "net.prep.norm.weight,BatchNorm2d,8,8,True," in (tmp_path / "parameters.csv").read_text()
-    task.build_model(cfg)  # a resumed run (or inference) rebuilding the model stays quiet
+    task.on_train_start(task.build_model(cfg), tmp_path, 8)  # a resumed run stays quiet
     assert capsys.readouterr().out == ""
     frozen = [row for row in parameter_rows(create_model("airbench")) if not row["trainable"]]
     assert frozen and all(row["layer"] == "BatchNorm2d" and row["name"].endswith("weight") for row in frozen)

@@ -18,11 +18,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cnn import lr_find as cnn_lr_find
 from conftest import ROOT, SMOKE_CNN, clean_env, read_metrics
-from harness.config import load_config
+from harness.config import load_config, validate
 from harness.loop import train
 from harness.lr_find import SmoothedLoss, exponential_lrs, lr_find, range_test, suggest
 from harness.optim import build_optimizer
-from harness.task import Task, get_task
+from harness.task import Task, get_task, register_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -162,6 +162,51 @@ def test_sweep_stops_at_a_non_finite_loss_and_does_not_apply_it():
     assert record["stopped"] == "non-finite" and len(record["loss"]) == 6  # the loader (4 batches) was cycled
     assert all(math.isfinite(v) for v in record["smoothed"][:5]) and math.isnan(record["loss"][-1])
     assert_identical(model.state_dict(), before)
+
+
+@register_task("nan_at_sixth_loss")
+class NanAtSixthLoss(Task):
+    """A linear regression whose 6th loss (the 6th micro-batch a run or sweep trains on) is NaN, and
+    only that one."""
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self.calls = 0
+
+    def build_datasets(self, cfg):
+        x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+        dataset = TensorDataset(x, x.sum(1, keepdim=True))
+        return dataset, dataset
+
+    def build_model(self, cfg, *, from_checkpoint=False):
+        return nn.Linear(4, 1)
+
+    def loss(self, outputs, batch):
+        self.calls += 1
+        loss = (outputs - batch[1]).square().mean()
+        return loss * float("nan") if self.calls == 6 else loss
+
+
+def test_sweep_follows_trainer_on_nonfinite_as_training_does(tmp_path):
+    lrs = exponential_lrs(1e-4, 1e-2, 12)
+
+    def sweep(*trainer):
+        cfg = validate({"task": "nan_at_sixth_loss", "output_dir": str(tmp_path), "log": {"wandb": "disabled", "progress": "none"},
+                        "optim": {"name": "sgd", "lr": 0.1}, "trainer": {"batch_size": 16, **dict(trainer)}})
+        return lr_find(cfg, start_lr=1e-4, end_lr=1e-2, steps=12)
+
+    # skip: the NaN micro-batch is left out and counted, and the sweep goes on to its end
+    skipped = sweep(("on_nonfinite", "skip"))
+    assert skipped["stopped"] == "end" and skipped["skipped_batches"] == 1
+    assert skipped["lr"] == pytest.approx(list(lrs[:5]) + list(lrs[6:]))  # the 6th update had nothing left to record
+    assert all(math.isfinite(v) for v in skipped["loss"])
+    # with grad accumulation the update keeps its finite micro-batch: every lr is recorded
+    accumulated = sweep(("on_nonfinite", "skip"), ("grad_accum_steps", 2))
+    assert accumulated["skipped_batches"] == 1 and accumulated["lr"] == pytest.approx(list(lrs))
+    # stop (the default): the sweep ends at that update, recorded as non-finite
+    stopped = sweep()
+    assert stopped["stopped"] == "non-finite" and len(stopped["loss"]) == 6 and math.isnan(stopped["loss"][-1])
+    assert stopped["skipped_batches"] == 0
 
 
 def final_train_loss(tmp_path, lr: float) -> float:
