@@ -9,7 +9,9 @@ A run directory means its best checkpoint; several --checkpoint are averaged int
 With --data, the task predicts for that folder (gwi: a test folder -> the Kaggle submission CSV at
 --out; a labelled folder -> MAE overall and per family, and with --save-predictions the
 predictions as .npy). Without --data, the ensemble is evaluated on the validation data of the
-first checkpoint's config (key=value overrides change it). Results are printed as JSON.
+first checkpoint's config (key=value overrides change it), as training evaluated it (no TTA);
+--tta, --out, --save-predictions and --num-workers act on --data only and are refused without it.
+Results are printed as JSON.
 
 Physics (gwi, with --data; gwi/physics/fwi.py), on the GPU when there is one: --physics-misfit
 re-simulates every predicted map and reports the normalised misfit ||F(v) - d|| / ||d|| against
@@ -26,6 +28,9 @@ from pathlib import Path
 from harness.errors import UserError, print_user_error
 from harness.inference import evaluate_checkpoints, predict_folder, print_json
 
+NUM_WORKERS = 2  # DataLoader workers reading --data
+DATA_ONLY = ("tta", "out", "save_predictions", "num_workers")  # flags that act on --data only
+
 
 def number(kind: type, low: float, strict: bool = False):
     """An argparse type: a `kind` (int or float) >= low (> low when strict)."""
@@ -38,6 +43,17 @@ def number(kind: type, low: float, strict: bool = False):
             raise argparse.ArgumentTypeError(f"expected a value {'>' if strict else '>='} {low:g}, got {text}")
         return value
     return parse
+
+
+def check_data_flags(args) -> None:
+    """A flag that would do nothing is an error, not ignored: the --data flags without --data."""
+    if args.data:
+        return
+    given = [name for name in DATA_ONLY if getattr(args, name) not in (None, "none")]
+    if given:
+        flags = " / ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise UserError(f"{flags}: {'it acts' if len(given) == 1 else 'they act'} only with --data DIR (without "
+                        "--data the ensemble is evaluated on the run's validation data as in training, without TTA)")
 
 
 def physics_options(args) -> dict | None:
@@ -66,7 +82,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", help="output file for --data (gwi: submission.csv)")
     parser.add_argument("--tta", choices=["none", "flip"], default="none", help="flip: average with the mirrored sample's prediction")
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--num-workers", type=int, default=None, help=f"DataLoader workers reading --data (default {NUM_WORKERS})")
     parser.add_argument("--save-predictions", help="labelled --data: also save the predictions (.npy)")
     physics = parser.add_argument_group("physics (gwi, with --data)")
     physics.add_argument("--physics-misfit", action="store_true", help="report the normalised seismic misfit of the maps")
@@ -83,9 +99,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value changes to the checkpoint's config")
     args = parser.parse_args(argv)
     try:
+        check_data_flags(args)
         physics = physics_options(args)
         if args.data:
-            result = predict_folder(args.checkpoint, args.data, args.out, args.tta, args.batch_size, args.num_workers,
+            num_workers = NUM_WORKERS if args.num_workers is None else args.num_workers
+            result = predict_folder(args.checkpoint, args.data, args.out, args.tta, args.batch_size, num_workers,
                                     args.save_predictions, args.overrides, physics)
         else:
             if physics:

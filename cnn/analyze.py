@@ -5,7 +5,8 @@
 WHAT is one or more of (or `all`):
   misclassified     grid of the most confident errors (+ .csv: every error, most confident first)
   confusion         confusion matrix, rows = true class, columns = predicted (+ .csv)
-  gradcam           Grad-CAM (captum LayerGradCam) of the predicted class at --layer (default: the last conv)
+  gradcam           Grad-CAM (captum LayerGradCam) of the predicted class at --layer (default: the last conv
+                    whose output is larger than 1 x 1; a 1 x 1 map would make every Grad-CAM map constant)
   guided-backprop   guided backpropagation (captum GuidedBackprop) of the predicted class
   class-model       per class, the image that maximises its logit: gradient ascent from gray with an L2
                     penalty, pixels kept in [0, 1] (Simonyan, Vedaldi & Zisserman 2014)
@@ -39,18 +40,20 @@ matplotlib.use("Agg")  # files only: no display on rented machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from captum.attr import GuidedBackprop, LayerAttribution, LayerGradCam  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 import wandb  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from cnn.complexity import local_complexity, probe_indices  # noqa: E402
-from cnn.data import ImageSet, collate, dataset_spec, read_split, synthetic_images  # noqa: E402
+from cnn.data import ImageSet, collate, dataset_spec, read_split, synthetic_images, torchvision_class  # noqa: E402
 from cnn.models import to_unit_float  # noqa: E402
 from harness import checkpoint as ckpt  # noqa: E402
 from harness.artifacts import resolve_checkpoint  # noqa: E402
 from harness.errors import UserError, print_user_error  # noqa: E402
 from harness.inference import load_ensemble  # noqa: E402
+from harness.task import get_task  # noqa: E402
 from harness.tracking import resolve_wandb_mode, with_offline_fallback  # noqa: E402
 
 ANALYSES = ("misclassified", "confusion", "gradcam", "guided-backprop", "class-model", "local-complexity", "weight-noise")
@@ -82,7 +85,7 @@ def build_parser() -> Parser:
     parser.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default="auto",
                         help="auto: as the run's log.wandb")
     parser.add_argument("--top", type=int, default=16, help="misclassified: errors shown")
-    parser.add_argument("--layer", default=None, help="gradcam: module name (default: the last Conv2d)")
+    parser.add_argument("--layer", default=None, help="gradcam: module name (default: the last Conv2d whose output is larger than 1 x 1)")
     parser.add_argument("--classes", default=None, help="class-model: comma-separated class indices or names (default: all)")
     parser.add_argument("--steps", type=int, default=200, help="class-model: gradient ascent steps")
     parser.add_argument("--lr", type=float, default=0.05, help="class-model: step size (Adam, in pixels)")
@@ -215,16 +218,12 @@ def class_names(dc) -> list[str]:
     if dc.source == "cifar10":
         return list(CIFAR10_NAMES)
     if dc.source == "fashion_mnist":
-        from torchvision.datasets import FashionMNIST
-
-        return list(FashionMNIST.classes)
+        return list(torchvision_class(dc.source).classes)
     return [str(i) for i in range(spec.num_classes)]  # MNIST's digits, CIFAR-100's and synthetic classes by index
 
 
 def split_dataset(cfg, split: str) -> Dataset:
     """The run's validation set (exactly what it validated on), or the official test split."""
-    from harness.task import get_task
-
     if split == "val":
         return get_task("cnn", cfg).build_datasets(cfg)[1]
     dc = cfg.data
@@ -388,29 +387,62 @@ def conv_layers(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
 
 
-def gradcam_layer(ctx: Context) -> str:
-    """--layer (a module of the model whose output is (N, C, H, W)) or the last Conv2d; else a UserError
-    listing the conv layers."""
-    modules = dict(ctx.model.named_modules())
-    convs = conv_layers(ctx.model)
-    name = ctx.args.layer or (convs[-1] if convs else None)
-    if name is None:
-        raise UserError("gradcam: the model has no Conv2d layer; give --layer NAME (a module with a spatial output)")
-    if name not in modules or name == "":
-        raise UserError(f"--layer {name!r}: no such module; conv layers: {', '.join(convs)} (any module name with a "
-                        f"(N, C, H, W) output works)")
-    spec = dataset_spec(ctx.cfg.data)
-    shapes = []
-    handle = modules[name].register_forward_hook(lambda module, args, output: shapes.append(tuple(output.shape)))
+def output_shapes(model: nn.Module, sample: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """{module name: the shape of its output} for every module whose output is a tensor, in the order
+    the forward pass of `sample` calls them (a module called twice: its first output)."""
+    shapes = {}
+
+    def recorder(name: str):
+        def hook(module, args, output):  # returns None: the output passes on unchanged
+            if torch.is_tensor(output):
+                shapes.setdefault(name, tuple(output.shape))
+        return hook
+
+    handles = [module.register_forward_hook(recorder(name)) for name, module in model.named_modules() if name]
     try:
         with torch.no_grad():
-            ctx.model(torch.zeros(1, spec.channels, spec.image_size, spec.image_size, device=ctx.device))
+            model(sample)
     finally:
-        handle.remove()
-    if not shapes or len(shapes[0]) != 4:
-        raise UserError(f"--layer {name!r}: its output has shape {shapes[0] if shapes else 'none'}, Grad-CAM needs a spatial "
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def gradcam_layer(ctx: Context) -> str:
+    """--layer, or by default the last Conv2d (in forward order) whose output is larger than 1 x 1: Grad-CAM
+    weights each channel of the layer's output by its mean gradient, so on a 1 x 1 map (mnist_tiny's
+    classifier, a 1x1 conv after global pooling) every map is one constant. A UserError for no such
+    module, a non-spatial output, or a 1 x 1 one; the shapes come from one forward pass of a blank image."""
+    modules = dict(ctx.model.named_modules())
+    convs = conv_layers(ctx.model)
+    name = ctx.args.layer
+    if name is not None and (name not in modules or name == ""):
+        raise UserError(f"--layer {name!r}: no such module; conv layers: {', '.join(convs)} (any module name with a "
+                        f"(N, C, H, W) output larger than 1 x 1 works)")
+    spec = dataset_spec(ctx.cfg.data)
+    shapes = output_shapes(ctx.model, torch.zeros(1, spec.channels, spec.image_size, spec.image_size, device=ctx.device))
+    spatial = [conv for conv in shapes if conv in convs and len(shapes[conv]) == 4 and shapes[conv][2] * shapes[conv][3] > 1]
+    if name is None:
+        if not spatial:
+            raise UserError("gradcam: the model has no Conv2d layer with an output larger than 1 x 1; give --layer NAME "
+                            "(a module with a spatial (N, C, H, W) output)")
+        return spatial[-1]
+    shape = shapes.get(name)
+    if shape is None or len(shape) != 4:
+        raise UserError(f"--layer {name!r}: its output has shape {shape or 'none'}, Grad-CAM needs a spatial "
                         f"(N, C, H, W) one; conv layers: {', '.join(convs)}")
+    if shape[2] * shape[3] == 1:
+        raise UserError(f"--layer {name!r}: its output is 1 x 1 (shape {shape}), so every Grad-CAM map would be constant; "
+                        f"conv layers with a larger output: {', '.join(spatial) or 'none'}")
     return name
+
+
+def gradcam(model: nn.Module, layer: str, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al. 2017) of class `target[i]` for image `x[i]` at module `layer`: captum's
+    LayerGradCam (per-channel mean gradient x activation, summed over channels, ReLU'd as in the paper),
+    upsampled bilinearly to the image size. (N, H, W)."""
+    cam = LayerGradCam(model, dict(model.named_modules())[layer]).attribute(x, target=target, relu_attributions=True)
+    return LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
 
 
 def unit_scale(maps: torch.Tensor) -> np.ndarray:
@@ -434,14 +466,9 @@ def caption(ctx: Context, index: int, label: int, predicted: int) -> str:
 
 
 def analyze_gradcam(ctx: Context, layer: str) -> list[Path]:
-    """Grad-CAM (Selvaraju et al. 2017) of the predicted class: captum's LayerGradCam at `layer`, ReLU'd,
-    upsampled to the image, drawn over it."""
-    from captum.attr import LayerAttribution, LayerGradCam
-
+    """Grad-CAM of the predicted class at `layer`, drawn over each image."""
     x, labels, predicted, indices = attribution_inputs(ctx)
-    cam = LayerGradCam(ctx.model, dict(ctx.model.named_modules())[layer]).attribute(x, target=predicted, relu_attributions=True)
-    cam = LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), interpolate_mode="bilinear")[:, 0]
-    heat = unit_scale(cam)
+    heat = unit_scale(gradcam(ctx.model, layer, x, predicted))
     cells = []
     for k, index in enumerate(indices):
         cells += [(x[k], caption(ctx, index, labels[k], predicted[k]), None), (x[k], "Grad-CAM", heat[k])]
@@ -452,8 +479,6 @@ def analyze_guided_backprop(ctx: Context) -> list[Path]:
     """Guided backpropagation (Springenberg et al. 2015) of the predicted class: captum's GuidedBackprop,
     which only lets positive gradients through nn.ReLU modules (other activations pass the plain
     gradient). Shown signed: gray = 0, each map scaled by its largest magnitude."""
-    from captum.attr import GuidedBackprop
-
     x, labels, predicted, indices = attribution_inputs(ctx)
     with warnings.catch_warnings():  # captum announces its ReLU hooks on every call
         warnings.simplefilter("ignore", UserWarning)

@@ -27,7 +27,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
+from tqdm.auto import tqdm
+
+from cnn.models import to_unit_float
 
 # Activations that bend at a pre-activation of 0 (GELU, SiLU and Mish smoothly, the rest at a kink).
 # Hardswish/Hardsigmoid bend at +-3 and are left out rather than measured at the wrong place.
@@ -132,8 +136,6 @@ def local_complexity(model: nn.Module, inputs: torch.Tensor, directions: int = 8
     try:
         starts = range(0, count, chunk)
         if progress:
-            from tqdm.auto import tqdm
-
             starts = tqdm(starts, desc="local complexity", unit="chunk", disable=None)
         for start in starts:
             x = inputs[start:start + chunk].float()
@@ -167,16 +169,12 @@ class LocalComplexityProbe:
     `dataset`, measured on demand by `__call__(model)` -> {"lc/total": ..., "lc/<layer>": ...}."""
 
     def __init__(self, dataset, samples: int, directions: int, radius: float, seed: int, batch_size: int):
-        from cnn.models import to_unit_float
-
         self.indices = probe_indices(len(dataset), samples, seed)
         # Read once, kept on the CPU: the validation set has no augmentation, so these never change.
         self.images = torch.stack([to_unit_float(torch.as_tensor(dataset[int(i)][0])).cpu() for i in self.indices])
         self.directions, self.radius, self.seed, self.batch_size = directions, radius, seed, batch_size
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        from accelerate.utils import extract_model_from_parallel
-
         # DDP and torch.compile wrappers off: hooks and a new batch shape would make a compiled model recompile.
         net = extract_model_from_parallel(model)
         net = getattr(net, "_orig_mod", net)

@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from accelerate import PartialState
@@ -57,6 +58,7 @@ def dataset_spec(dc) -> DatasetSpec:
 
 
 def torchvision_class(source: str):
+    # torchvision takes seconds to import and runs on generated images never touch it: imported on first use.
     from torchvision import datasets
 
     return {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "mnist": datasets.MNIST,
@@ -147,8 +149,9 @@ def albumentations_pipeline(dc, image_size: int):
     """The CPU pipeline of `data.augment`, in the order given (None when empty)."""
     if not dc.augment:
         return None
+    # albumentations is slow to import (it loads scipy and defines every transform) and only runs that
+    # augment on the CPU need it, so it is imported here rather than by every cnn run.
     import albumentations as A
-    import cv2
 
     size, pad = image_size, dc.crop_padding
     steps = {

@@ -17,22 +17,27 @@ from torch import nn
 
 class SharpnessAware:
     """e = rho * g / ||g|| (SAM), or e = rho * T^2 g / ||T g|| with T = |w| + eta elementwise (ASAM,
-    whose ball scales with each weight, so rho is typically 10x larger, e.g. 0.5-2)."""
+    whose ball scales with each weight, so rho is typically 10x larger, e.g. 0.5-2).
+
+    ASAM scales only the parameters whose name contains "weight" (conv and linear kernels, norm
+    scales); biases and any other parameter keep T = 1, as in the authors' code (SamsungLabs/ASAM,
+    asam.py: `if 'weight' in n`), while still counting, unscaled, in the norm ||T g||."""
 
     def __init__(self, params, rho: float, adaptive: bool = False, eta: float = 0.01):
         self.params = [p for p in params if p.requires_grad]
         self.rho, self.adaptive, self.eta = rho, adaptive, eta
 
     @torch.no_grad()
-    def perturbation(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(param, e) for every parameter with a gradient. Empty when the gradient is not finite
-        (an fp16 grad scaler overflow): the second pass then runs at w itself, overflows the same
-        way, and the scaler skips the step as usual. The direction is scale-free, so scaled fp16
-        gradients give the same e as unscaled ones."""
+    def perturbation(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(param, e) for every parameter with a gradient; `model` names them (ASAM scales the weights
+        only). Empty when the gradient is not finite (an fp16 grad scaler overflow): the second pass
+        then runs at w itself, overflows the same way, and the scaler skips the step as usual. The
+        direction is scale-free, so scaled fp16 gradients give the same e as unscaled ones."""
         with_grad = [p for p in self.params if p.grad is not None]
         if not with_grad:
             return []
-        scale = [(p.abs() + self.eta) if self.adaptive else None for p in with_grad]
+        weights = {id(p) for name, p in model.named_parameters() if "weight" in name} if self.adaptive else set()
+        scale = [(p.abs() + self.eta) if id(p) in weights else None for p in with_grad]
         scaled = [p.grad * s if s is not None else p.grad for p, s in zip(with_grad, scale)]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in scaled]))
         if not torch.isfinite(norm) or norm == 0:
@@ -45,7 +50,7 @@ class SharpnessAware:
         """Inside: the weights are w + e and BatchNorm running statistics are frozen (they were
         updated by the first pass; the second pass must not count the batch twice). On exit the exact
         original weights are back."""
-        moves = self.perturbation()
+        moves = self.perturbation(model)
         originals = [p.detach().clone() for p, _ in moves]
         with torch.no_grad():
             for p, e in moves:

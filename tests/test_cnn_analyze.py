@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import ROOT, SMOKE_CNN, clean_env, read_metrics, run_entry, wandb_log, wandb_run
-from cnn.analyze import ANALYSES, class_model, main
+from cnn.analyze import ANALYSES, attribution_inputs, build_parser, class_model, gradcam, gradcam_layer, load, main, output_shapes
 from cnn.complexity import local_complexity, random_directions
 from cnn.data import build_datasets
 from harness import checkpoint as ckpt
@@ -39,6 +39,17 @@ def run_dir(tmp_path_factory) -> Path:
     """A 3-epoch smoke run on generated images that logs local complexity every LC_EVERY updates."""
     out = tmp_path_factory.mktemp("analyze") / "run"
     result = run_entry("train.py", *TRAIN, f"output_dir={out}", f"diagnostics.local_complexity_every={LC_EVERY}", env=ENV)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def mnist_tiny_run(tmp_path_factory) -> Path:
+    """One short epoch of mnist_tiny on generated 28 x 28 one-channel images: enough for non-trivial gradients."""
+    out = tmp_path_factory.mktemp("analyze_mnist_tiny") / "run"
+    result = run_entry("train.py", SMOKE_CNN, "model.name=mnist_tiny", "model.width=null", "data.channels=1",
+                       "data.image_size=28", "data.num_train=128", "data.num_val=32", "trainer.epochs=2", "sched.name=cosine",
+                       "log.wandb=disabled", "log.plot=false", "log.progress=none", f"output_dir={out}", env=ENV)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -190,6 +201,28 @@ def test_mistakes_exit_2_with_one_line_and_nothing_written(run_dir, tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # checked before the first analysis ran
+
+
+def test_gradcam_defaults_to_the_last_conv_larger_than_1x1_and_its_maps_are_not_constant(mnist_tiny_run):
+    ctx = load(build_parser().parse_args(["gradcam", "--checkpoint", str(mnist_tiny_run), "--wandb", "disabled"]), [])
+    layer = gradcam_layer(ctx)
+    x, _, predicted, _ = attribution_inputs(ctx)
+    maps = gradcam(ctx.model, layer, x, predicted)
+    assert maps.shape == (len(x), 28, 28)
+    assert (maps.flatten(1).amax(1) > maps.flatten(1).amin(1) + 1e-6).all()  # every map has a shape, none is flat
+    # mnist_tiny ends in a 1x1 conv on the globally pooled map: the last Conv2d, but useless for Grad-CAM.
+    shapes = output_shapes(ctx.model, x[:1])
+    assert shapes["net.classifier"][2:] == (1, 1)
+    assert layer == "net.block6.conv" and shapes[layer][2:] == (5, 5)
+
+
+def test_gradcam_refuses_a_layer_with_a_1x1_output(mnist_tiny_run, tmp_path, capsys):
+    assert main(["gradcam", "--checkpoint", str(mnist_tiny_run), "--layer", "net.classifier", "--out", str(tmp_path / "out"),
+                 "--wandb", "disabled"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --layer 'net.classifier': its output is 1 x 1 (shape (1, 4, 1, 1))")
+    assert "net.block6.conv" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 # ---- local complexity on known networks ----------------------------------------------------------------

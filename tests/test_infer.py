@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import infer
 from conftest import SMOKE_GWI, read_metrics, run_entry
 from harness import checkpoint as ckpt
 
@@ -34,3 +35,19 @@ def test_infer_names_a_missing_checkpoint(tmp_path):
     result = run_entry("infer.py", "--checkpoint", tmp_path / "nothing")
     assert result.returncode == 2
     assert f"--checkpoint {tmp_path / 'nothing'}: no complete checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--tta", "flip"], "--tta: it acts only with --data"),
+    (["--out", "submission.csv"], "--out: it acts only with --data"),
+    (["--save-predictions", "oof.npy"], "--save-predictions: it acts only with --data"),
+    (["--num-workers", "4"], "--num-workers: it acts only with --data"),
+    (["--tta", "flip", "--out", "submission.csv"], "--tta / --out: they act only with --data"),
+])
+def test_infer_refuses_flags_that_act_on_data_only_without_data(gwi_smoke_run, tmp_path, capsys, flags, named):
+    """Without --data the validation data is evaluated; a flag that would do nothing there is an error."""
+    assert infer.main(["--checkpoint", str(gwi_smoke_run), *[str(tmp_path / f) if f.endswith((".csv", ".npy")) else f
+                                                             for f in flags]]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {named} DIR") and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert captured.out == "" and not any(tmp_path.iterdir())  # nothing evaluated, nothing written

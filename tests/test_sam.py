@@ -73,7 +73,8 @@ def test_one_sam_step_in_the_loop_matches_a_hand_computation(tmp_path, adaptive,
         return dict(zip(weights, torch.autograd.grad(loss, list(weights.values()))))
 
     g0 = gradient(w0, buffers)  # the first pass updates `buffers` (BatchNorm running statistics)
-    scale = {k: (w0[k].abs() + eta) if adaptive else torch.ones_like(w0[k]) for k in w0}
+    # ASAM scales the weights (here also BatchNorm's) by |w| + eta and leaves the biases as in SAM (the authors' rule)
+    scale = {k: (w0[k].abs() + eta) if adaptive and "weight" in k else torch.ones_like(w0[k]) for k in w0}
     norm = torch.sqrt(sum(((scale[k] * g0[k]) ** 2).sum() for k in w0))
     perturbed = {k: w0[k] + rho * scale[k] ** 2 * g0[k] / norm for k in w0}
     g1 = gradient(perturbed, {k: v.clone() for k, v in buffers.items()})  # the second pass must not count
@@ -102,7 +103,7 @@ def test_sam_leaves_the_exact_weights_and_skips_a_nonfinite_gradient():
         assert float(moved.detach()) == pytest.approx(0.5, rel=1e-5)
     assert all(torch.equal(p, b) for p, b in zip(layer.parameters(), before))
     layer.weight.grad[0, 0] = float("inf")  # what an fp16 grad scaler overflow leaves
-    assert sam.perturbation() == []
+    assert sam.perturbation(layer) == []
 
 
 def test_sam_and_asam_train_the_cnn_under_bf16(tmp_path):
@@ -112,6 +113,31 @@ def test_sam_and_asam_train_the_cnn_under_bf16(tmp_path):
         assert result.returncode == 0, result.stderr
         evals = [row["val/acc"] for row in read_metrics(tmp_path / name) if "val/acc" in row]
         assert evals[-1] > 0.7, (name, evals)
+
+
+def test_asam_scales_weights_but_not_biases_as_the_authors_code_does():
+    """SamsungLabs/ASAM's ascent step, written out: for a parameter whose name contains "weight",
+    T = |w| + eta, otherwise T = 1; e = rho T^2 g / ||T g||, the norm over all parameters together."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 2)  # biases far from 0: scaling them by |b| + eta would show
+    F.cross_entropy(model(torch.randn(5, 2, 4, 4)), torch.tensor([0, 1, 0, 1, 1])).backward()
+    rho, eta = 0.7, 0.01
+    w = {name: p.detach().clone() for name, p in model.named_parameters()}
+    g = {name: p.grad.clone() for name, p in model.named_parameters()}
+    t = {name: w[name].abs() + eta if name.endswith("weight") else torch.ones_like(w[name]) for name in w}
+    norm = torch.sqrt(sum(((t[name] * g[name]) ** 2).sum() for name in w))
+    expected = {name: rho * t[name] ** 2 * g[name] / norm for name in w}
+
+    sam = SharpnessAware(model.parameters(), rho=rho, adaptive=True, eta=eta)
+    with sam.perturbed(model):
+        moved = {name: p.detach() - w[name] for name, p in model.named_parameters()}
+    assert sorted(name for name in w if not name.endswith("weight")) == ["0.bias", "1.bias", "4.bias"]
+    for name in w:
+        torch.testing.assert_close(moved[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert all(torch.equal(p, w[name]) for name, p in model.named_parameters())
 
 
 def test_sam_with_grad_accumulation_is_refused(tmp_path):
