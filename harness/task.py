@@ -58,6 +58,12 @@ class Task:
         averages the non-NaN values. Must include "loss"."""
         raise NotImplementedError
 
+    def metric_names(self) -> list[str] | None:
+        """The names `metrics` returns, known once `build_datasets` has run (they may depend on the
+        data), so that a mistyped `checkpoint.monitor` stops the run before its first step. None (the
+        default): not declared; the monitor is then checked at the first evaluation."""
+        return None
+
     def predict(self, model: nn.Module, batch) -> torch.Tensor:
         """Inference-time prediction (e.g. with test-time augmentation); defaults to `forward`."""
         return self.forward(model, batch)
