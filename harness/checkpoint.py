@@ -218,7 +218,8 @@ def recover(ckpt_dir: Path, step: int) -> list[str]:
     step): the resumed run redoes them. Returns the names dropped."""
     ckpt_dir = Path(ckpt_dir)
     restore_last(ckpt_dir)
-    for leftover in (".tmp-last", ".tmp-best"):
+    leftovers = [".tmp-last", ".tmp-best"] + ([".old-last"] if damage(ckpt_dir / "last") is None else [])
+    for leftover in leftovers:
         remove_dir(ckpt_dir / leftover)
     dropped = []
     for path, meta in _best_entries(ckpt_dir):

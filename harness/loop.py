@@ -231,7 +231,8 @@ def train(cfg: BaseRunConfig) -> dict:
                 save_last("epoch")
         if summary["stopped"] == "finished" and state.last_eval_step != state.step:
             evaluate_and_keep_best()
-        if state.step != resumed_step:  # a finished run started again has nothing new to save
+        # A finished run started again has nothing new to save, unless a kill cut its final save short.
+        if state.step != resumed_step or run_folder.resumed_reason != summary["stopped"]:
             save_last(summary["stopped"])
         if summary["stopped"] == "finished":
             summary |= task.after_training(run_dir, accelerator)

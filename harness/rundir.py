@@ -243,6 +243,7 @@ class RunFolder:
         self.lock: RunLock | None = None
         self.resume_from: Path | None = None
         self.resumed_step = 0
+        self.resumed_reason = None  # why the checkpoint resumed from was written (epoch, finished, SIGTERM, ...)
         self.changes: dict[str, tuple] = {}
 
     @classmethod
@@ -264,6 +265,8 @@ class RunFolder:
         if verdict[1] is not None:
             raise (ConfigError if verdict[0] == "config" else UserError)(verdict[1])
         folder.resume_from = Path(verdict[2]) if verdict[2] else None
+        if folder.resume_from is not None:
+            folder.resumed_reason = ckpt.read_meta(folder.resume_from).get("reason")
         return folder
 
     def _prepare(self, cfg) -> None:

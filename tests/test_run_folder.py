@@ -70,11 +70,11 @@ def snapshot(run_dir: Path) -> dict:
     # evaluations must match exactly, the train values only in their names.
     metrics = [{k: v if k.startswith(("val", "step", "epoch")) else None for k, v in row.items()} for row in read_metrics(run_dir)]
     return {"model": load_file(str(checkpoints / "last" / "model.safetensors")), "bests": bests, "metrics": metrics,
-            "dirs": sorted(p.name for p in checkpoints.iterdir())}
+            "dirs": sorted(p.name for p in checkpoints.iterdir()), "reason": ckpt.read_meta(checkpoints / "last")["reason"]}
 
 
 def assert_same_run(a: dict, b: dict) -> None:
-    assert a["dirs"] == b["dirs"]
+    assert a["dirs"] == b["dirs"] and a["reason"] == b["reason"] == "finished"
     assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert {n: s[:2] for n, s in a["bests"].items()} == {n: s[:2] for n, s in b["bests"].items()}
     for name, (_, _, weights) in a["bests"].items():
