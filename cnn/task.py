@@ -180,6 +180,9 @@ class CnnTask(Task):
         logits = outputs.clean if isinstance(outputs, RobustOutputs) else outputs
         return F.cross_entropy(logits.float(), batch[1], label_smoothing=self.cfg.loss.label_smoothing)
 
+    def metric_names(self) -> list[str]:
+        return ["loss", "acc"] + (["robust_loss", "robust_acc"] if self.cfg.adversarial.eval_pgd_steps else [])
+
     def metrics(self, outputs, batch) -> dict[str, torch.Tensor]:
         labels = batch[1]
         logits = outputs.clean if isinstance(outputs, RobustOutputs) else outputs

@@ -157,6 +157,9 @@ class GwiTask(Task):
     def loss(self, outputs: torch.Tensor, batch) -> torch.Tensor:
         return per_sample_loss(outputs, batch[1], self.cfg.loss).mean()
 
+    def metric_names(self) -> list[str]:
+        return ["loss", "mae", "mae_odd"] + ([f"mae_{name}" for name in self.families] if len(self.families) > 1 else [])
+
     def metrics(self, outputs: torch.Tensor, batch) -> dict[str, torch.Tensor]:
         velocity = batch[1]
         error = (outputs.float() - velocity.float()).abs()

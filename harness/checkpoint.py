@@ -7,22 +7,57 @@ Layout under `<output_dir>/checkpoints/`:
   best_step00001234/    the other top-k, same content
 
 Every directory is written to a temporary sibling and renamed into place, and `meta.json` is written
-last, so a directory with `meta.json` is complete. A crash between the two renames that replace an
-existing directory leaves `.old-<name>`, which the readers below fall back to.
+last (with the size of every file), so a directory with `meta.json` is complete and a damaged one is
+recognised. A crash between the two renames that replace `last` leaves `.old-last`, which the readers
+below fall back to. The top-k is derived from what is on disk (each best's meta holds its score) and
+arranged by single renames, so a crash at any point leaves a state the next save or resume finishes.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import pickle
+import re
 import shutil
+import signal
+from collections import Counter
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
+
+from harness.errors import ConfigError, RunFailed, UserError
 
 WEIGHTS = "weights.safetensors"  # the weights inference uses: the EMA copy when EMA is on
 META = "meta.json"
+BEST_NAME = re.compile(r"^(\.old-)?best(_step\d+)?$")  # best, best_stepN, and `.old-best` from older versions
+KILL_AT_ENV = "KAGGLERIG_KILL_AT"
+LOW_SPACE_BYTES = 64 << 20  # a failed write with less free space than this was the disk filling up
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fault injection: the tests SIGKILL a run at named points of the save sequence (`KAGGLERIG_KILL_AT=
+# point:n` kills the process the n-th time it reaches `point`) to prove every point is resumable.
+
+_points_reached: Counter = Counter()
+
+
+def fault_point(name: str) -> None:
+    wanted = os.environ.get(KILL_AT_ENV)
+    if not wanted:
+        return
+    _points_reached[name] += 1
+    point, _, count = wanted.rpartition(":")
+    if point == name and _points_reached[name] == int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One checkpoint directory
 
 
 def is_complete(path: Path) -> bool:
@@ -30,14 +65,36 @@ def is_complete(path: Path) -> bool:
 
 
 def write_meta(directory: Path, meta: dict) -> None:
-    # Written last and through a temporary file: its presence marks a finished checkpoint.
+    # Written last and through a temporary file: its presence marks a finished checkpoint, and the
+    # sizes it records let a resume tell a truncated or missing file from a good one.
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
+             if p.is_file() and p.name not in (META, META + ".tmp")}
     tmp = directory / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.write_text(json.dumps({**meta, "files": files}, indent=1))
     os.replace(tmp, directory / META)
 
 
 def read_meta(directory: Path) -> dict:
     return json.loads((Path(directory) / META).read_text())
+
+
+def damage(directory: Path) -> str | None:
+    """What is wrong with a checkpoint directory (a missing or truncated file, an unreadable meta.json),
+    or None when every file is there at the size meta.json recorded."""
+    directory = Path(directory)
+    try:
+        meta = read_meta(directory)
+    except FileNotFoundError:
+        return f"{directory / META} is missing (the checkpoint was never finished)"
+    except (OSError, ValueError) as err:
+        return f"{directory / META} is unreadable ({err})"
+    for name, size in meta.get("files", {}).items():  # checkpoints from before sizes were recorded: unchecked
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} is damaged: {path.stat().st_size} bytes, {size} when it was written"
+    return None
 
 
 def save_weights(module: torch.nn.Module, directory: Path) -> None:
@@ -48,19 +105,45 @@ def load_weights(module: torch.nn.Module, checkpoint: str | os.PathLike) -> dict
     """Load `weights.safetensors` of a checkpoint directory (or a run directory: its best) into
     `module`; returns the checkpoint's meta."""
     directory = resolve(checkpoint)
-    load_model(module, str(directory / WEIGHTS), strict=True)  # strict: a missing or unexpected key raises
+    problem = damage(directory) or (None if (directory / WEIGHTS).is_file() else f"{directory / WEIGHTS} is missing")
+    if problem:
+        raise UserError(f"checkpoint {str(directory)!r}: {problem}")
+    try:
+        load_model(module, str(directory / WEIGHTS), strict=True)
+    except SafetensorError as err:
+        raise UserError(f"checkpoint {str(directory)!r}: {directory / WEIGHTS} is unreadable ({err})") from None
     return read_meta(directory)
+
+
+def load_state(accelerator, directory: Path) -> None:
+    """Accelerate's load_state, with a damaged checkpoint or one that does not fit the model (a
+    resume_changes=allow resume of another model) as a one-line error naming it."""
+    try:
+        accelerator.load_state(str(directory))
+    except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        raise UserError(f"cannot resume from {str(directory)!r}: {' '.join(lines[:2])[:300]}") from None
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a checkpoint directory, meta.json first: a crash halfway leaves an incomplete directory,
+    never one that looks complete with files missing."""
+    if not path.exists():
+        return
+    (path / META).unlink(missing_ok=True)
+    shutil.rmtree(path)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished temporary directory into place (two renames; see the module docstring)."""
     old = final.with_name(".old-" + final.name)
-    if old.exists():
-        shutil.rmtree(old)
+    remove_dir(old)  # only a leftover here: restore_last() has put a sole surviving `.old-` back
     if final.exists():
         os.replace(final, old)
+        fault_point(f"{final.name}:swapping")
     os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    fault_point(f"{final.name}:placed")
+    remove_dir(old)
 
 
 def readable(final: Path) -> Path | None:
@@ -71,20 +154,101 @@ def readable(final: Path) -> Path | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------------------
+# The top-k best checkpoints
+
+
+def _best_entries(ckpt_dir: Path) -> list[tuple[Path, dict]]:
+    """Every complete best checkpoint on disk, one per step (a redone step's older twin is skipped)."""
+    by_step = {}
+    for path in sorted(Path(ckpt_dir).glob("*best*"), key=lambda p: p.name.startswith(".old-")):
+        if path.is_dir() and BEST_NAME.match(path.name) and is_complete(path):
+            meta = read_meta(path)
+            by_step.setdefault(meta["step"], (path, meta))
+    return sorted(by_step.values(), key=lambda item: (_rank_key(item[1]), item[1]["step"]))  # ties: the earlier
+
+
 def best_dirs(ckpt_dir: Path) -> list[Path]:
     """Complete best checkpoints, best first (the order comes from each meta's score)."""
-    found = {}
-    for path in Path(ckpt_dir).glob("*best*"):
-        if path.is_dir() and not path.name.startswith(".tmp") and is_complete(path):
-            meta = read_meta(path)
-            found.setdefault(meta["step"], (path, meta))  # an `.old-` twin of the same step is redundant
-    ranked = sorted(found.values(), key=lambda item: _rank_key(item[1]))
-    return [path for path, _ in ranked]
+    return [path for path, _ in _best_entries(ckpt_dir)]
 
 
 def _rank_key(meta: dict) -> float:
     value = meta["monitor_value"]
     return value if meta["monitor_mode"] == "min" else -value
+
+
+def best_name(step: int) -> str:
+    return f"best_step{step:08d}"
+
+
+def arrange_best(ckpt_dir: Path, keep_top_k: int | None = None) -> None:
+    """Bring the best checkpoints on disk into their canonical form: the top one named `best`, the
+    others `best_stepN`, none beyond the top k, no incomplete leftovers. Idempotent, one rename or
+    deletion at a time, so it also finishes what a crash interrupted."""
+    ckpt_dir = Path(ckpt_dir)
+    entries = _best_entries(ckpt_dir)
+    kept = entries if keep_top_k is None else entries[:keep_top_k]
+    for path, _ in entries[len(kept):]:
+        remove_dir(path)
+        fault_point("best:pruned")
+    kept_paths = {path for path, _ in kept}
+    for path in ckpt_dir.glob("*best*"):  # incomplete or superseded twins
+        if path.is_dir() and BEST_NAME.match(path.name) and path not in kept_paths:
+            remove_dir(path)
+    for rank, (path, meta) in sorted(enumerate(kept), key=lambda item: item[0] == 0):  # the top one last
+        target = ckpt_dir / ("best" if rank == 0 else best_name(meta["step"]))
+        if path != target:
+            os.replace(path, target)  # free: `best` was moved to its step name just before, if it was another's
+            fault_point("best:arranging")
+
+
+def restore_last(ckpt_dir: Path) -> None:
+    """A crash between the two renames of a `last` swap leaves only `.old-last`: put it back, so the
+    next swap (which first clears `.old-last`) never deletes the only good state."""
+    last, old = Path(ckpt_dir) / "last", Path(ckpt_dir) / ".old-last"
+    if not is_complete(last) and is_complete(old):
+        remove_dir(last)
+        os.replace(old, last)
+
+
+def recover(ckpt_dir: Path, step: int) -> list[str]:
+    """Before resuming the run of `ckpt_dir` at `step`: finish an interrupted save, and drop the best
+    checkpoints written after `step` (a crash between a best save and the `last` save of the same
+    step): the resumed run redoes them. Returns the names dropped."""
+    ckpt_dir = Path(ckpt_dir)
+    restore_last(ckpt_dir)
+    leftovers = [".tmp-last", ".tmp-best"] + ([".old-last"] if damage(ckpt_dir / "last") is None else [])
+    for leftover in leftovers:
+        remove_dir(ckpt_dir / leftover)
+    dropped = []
+    for path, meta in _best_entries(ckpt_dir):
+        if meta["step"] > step:
+            remove_dir(path)
+            dropped.append(path.name)
+    arrange_best(ckpt_dir)
+    return dropped
+
+
+def resumable_last(ckpt_dir: Path) -> tuple[Path | None, str | None]:
+    """The `last` state to resume from, and a note when `last` is damaged and the previous copy a
+    crash left (`.old-last`) takes its place (the damaged one is kept as `.damaged-last`). A damaged
+    state with nothing to fall back to is an error naming the file."""
+    restore_last(ckpt_dir)
+    last, old = Path(ckpt_dir) / "last", Path(ckpt_dir) / ".old-last"
+    if not is_complete(last):
+        return None, None
+    problem = damage(last)
+    if problem is None:
+        return last, None
+    if is_complete(old) and damage(old) is None:
+        damaged = last.with_name(".damaged-last")
+        shutil.rmtree(damaged, ignore_errors=True)
+        os.replace(last, damaged)
+        os.replace(old, last)
+        return last, f"note: {problem}; resuming from the previous state instead (the damaged one is kept as {damaged})"
+    raise UserError(f"cannot resume: {problem}; restore it, or start over with resume=never "
+                    "(the old run is moved aside)")
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -102,6 +266,23 @@ def resolve(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"no complete checkpoint (a directory with {META}) at {str(path)!r}")
 
 
+def monitor_error(monitor: str, available) -> ConfigError:
+    return ConfigError(f"key 'checkpoint.monitor': {monitor!r} is not an evaluation metric; available: {', '.join(sorted(available))}")
+
+
+def disk_full(err: BaseException, where: Path) -> bool:
+    """Whether a failed write was the disk filling up. torch.save reports it as a RuntimeError with
+    no errno, so the free space decides when no ENOSPC is in the exception chain."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    try:
+        return shutil.disk_usage(where).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
 class Checkpointer:
     """Writes `last` and the top-k `best` for one run; every process calls the save methods."""
 
@@ -110,20 +291,33 @@ class Checkpointer:
         self.dir = Path(run_dir) / "checkpoints"
         self.monitor, self.mode, self.keep_top_k = monitor, mode, keep_top_k
 
+    def check_monitor(self, metric_names: list[str] | None, ema: bool) -> None:
+        """Stop before the first step when `checkpoint.monitor` is not among the metrics the task
+        declares (None: not declared, checked at the first evaluation). The names are as the loop
+        logs them: val/<name>, and val_raw/<name> with EMA."""
+        if metric_names is None:
+            return
+        available = [f"val/{name}" for name in metric_names] + ([f"val_raw/{name}" for name in metric_names] if ema else [])
+        if self.monitor not in available:
+            raise monitor_error(self.monitor, available)
+
     def save_last(self, weights_module: torch.nn.Module, meta: dict) -> Path:
         acc = self.accelerator
         final = self.dir / "last"
         tmp = self.dir / ".tmp-last"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))  # every process writes its own RNG state into the same directory
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            save_weights(weights_module, tmp)
-            write_meta(tmp, meta)
-            replace_dir(tmp, final)
+        with disk_full_is_one_line(tmp, self.dir / "last"):
+            if acc.is_main_process:
+                remove_dir(tmp)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp))  # every process writes its own RNG state into the same directory
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                fault_point("last:state")
+                save_weights(weights_module, tmp)
+                write_meta(tmp, meta)
+                fault_point("last:written")
+                replace_dir(tmp, final)
         acc.wait_for_everyone()
         return final
 
@@ -145,21 +339,21 @@ class Checkpointer:
         if keep:
             meta = {**meta, "monitor": self.monitor, "monitor_value": value, "monitor_mode": self.mode}
             tmp = self.dir / ".tmp-best"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_weights(weights_module, tmp)
-            write_meta(tmp, meta)
-            ranked = best_dirs(self.dir)
-            new_is_top = not ranked or _rank_key(meta) < _rank_key(read_meta(ranked[0]))
-            if new_is_top:
-                current = self.dir / "best"
-                if is_complete(current):  # the dethroned best keeps its place in the top-k under its step
-                    os.replace(current, self.dir / f"best_step{read_meta(current)['step']:08d}")
-                replace_dir(tmp, current)
-            else:
-                replace_dir(tmp, self.dir / f"best_step{meta['step']:08d}")
-            for stale in best_dirs(self.dir)[self.keep_top_k :]:
-                shutil.rmtree(stale)
+            with disk_full_is_one_line(tmp, self.dir / "last"):
+                remove_dir(tmp)
+                tmp.mkdir(parents=True)
+                save_weights(weights_module, tmp)
+                write_meta(tmp, meta)
+            fault_point("best:written")
+            for path, kept in _best_entries(self.dir):
+                if kept["step"] == meta["step"]:  # the same step saved again (a resumed run redoing it)
+                    remove_dir(path)
+            target = self.dir / best_name(meta["step"])
+            remove_dir(target)
+            os.replace(tmp, target)
+            fault_point("best:placed")
+            arrange_best(self.dir, self.keep_top_k)
+            fault_point("best:done")
         self.accelerator.wait_for_everyone()
         return keep
 
@@ -168,5 +362,17 @@ class Checkpointer:
         ranked = best_dirs(self.dir)
         return read_meta(ranked[0]) if ranked else None
 
-    def resume_dir(self) -> Path | None:
-        return readable(self.dir / "last")
+
+@contextlib.contextmanager
+def disk_full_is_one_line(tmp: Path, previous: Path):
+    """Around a checkpoint write: a full disk stops the run with one line (the temporary directory is
+    removed; the previous checkpoint is untouched, as it always is) instead of a page of tracebacks."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as err:
+        if not disk_full(err, tmp.parent):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous checkpoint {previous} is kept" if is_complete(previous) else "no earlier checkpoint exists"
+        raise RunFailed(f"no space left on the device while writing {tmp} ({str(err).strip().splitlines()[0][:200]}): "
+                        f"{kept}; free some space and run the same command again to resume") from None

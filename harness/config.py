@@ -107,13 +107,22 @@ class BaseRunConfig(Section):
     task: str = Field("gwi", description="the task package: gwi, cnn")
     seed: int = Field(0, description="seeds every RNG and the data order")
     output_dir: str = Field("outputs/run", description="run directory: config.yaml, metrics.jsonl, checkpoints/, wandb/")
-    resume: str = Field("auto", description="auto: continue from output_dir/checkpoints/last if present; never; or a checkpoint path")
+    resume: str = Field("auto", description="auto: continue from output_dir/checkpoints/last if present; never (an earlier run in output_dir is moved aside to .previous-<time>/); or a checkpoint path")
+    resume_changes: Literal["refuse", "allow"] = Field(
+        "refuse", description="resuming a checkpoint whose config differs in a key that shapes the run (seed, model, data, optimizer, schedule, batch): refuse, or allow; length, lr, evaluation and logging keys may always change (every change is printed)")
     trainer: Trainer = Trainer()
     optim: Optim = Optim()
     sched: Sched = Sched()
     ema: Ema = Ema()
     checkpoint: Checkpoint = Checkpoint()
     log: Log = Log()
+
+    @field_validator("output_dir")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():  # an empty path is the current directory: the run would write all over it
+            raise ValueError("empty; give a folder for the run (use '.' to mean the current directory)")
+        return value
 
 
 def schema_for(task_name: str) -> type[BaseRunConfig]:

@@ -25,12 +25,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from harness.artifacts import CheckpointUploader
+from harness import checkpoint as ckpt
 from harness.checkpoint import Checkpointer
-from harness.config import BaseRunConfig, save_yaml
+from harness.config import BaseRunConfig
 from harness.errors import RunFailed, ConfigError
 from harness.optim import build_ema, build_optimizer, build_scheduler
 from harness.sam import SharpnessAware
 from harness.plots import plot_metrics
+from harness.rundir import RunFolder
 from harness.task import get_task
 from harness.tracking import Tracker, start_wandb
 
@@ -66,9 +68,8 @@ def train(cfg: BaseRunConfig) -> dict:
     accelerator = make_accelerator(cfg, log_with="wandb" if cfg.log.wandb != "disabled" else None)
     if tc.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         accelerator.print("note: fp16 autocast has no effect on CPU; use trainer.mixed_precision=bf16 there")
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
+    # Checked and locked before any work; an earlier run is moved aside or trimmed to the checkpoint.
+    run_folder = RunFolder.open(accelerator, cfg)
 
     # ---- data and model -------------------------------------------------------------------------
     parts = build_training(cfg, task, accelerator, compile=tc.compile)
@@ -83,20 +84,15 @@ def train(cfg: BaseRunConfig) -> dict:
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state, *([ema] if ema is not None else []))
     checkpointer = Checkpointer(accelerator, run_dir, cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.keep_top_k)
+    checkpointer.check_monitor(task.metric_names(), ema is not None)
     weights_for_inference = ema.module if ema is not None else raw_model
 
     # ---- resume ---------------------------------------------------------------------------------
-    resume_from = None
-    if cfg.resume == "auto":
-        resume_from = checkpointer.resume_dir()
-    elif cfg.resume != "never":
-        resume_from = Path(cfg.resume)
-        if not (resume_from / "meta.json").is_file():
-            raise ConfigError(f"key 'resume': {cfg.resume!r} is not a complete checkpoint directory (no meta.json)")
+    resume_from = run_folder.resume_from
     resumed_step = None
     if resume_from is not None:
         state.total_steps = total_steps
-        accelerator.load_state(str(resume_from))
+        ckpt.load_state(accelerator, resume_from)
         resumed_step = state.step
         if state.total_steps != total_steps:
             if cfg.sched.name == "onecycle":
@@ -106,6 +102,7 @@ def train(cfg: BaseRunConfig) -> dict:
             accelerator.print(f"note: the schedule grows from {state.total_steps} to {total_steps} updates")
         accelerator.print(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
     state.total_steps = total_steps
+    run_folder.record_start(cfg, more_to_train(state, total_steps, tc), accelerator.is_main_process)
     task.on_train_start(raw_model, run_dir, state.step)
 
     state.wandb_run_id = start_wandb(accelerator, cfg, run_dir, state.wandb_run_id) or state.wandb_run_id
@@ -131,7 +128,7 @@ def train(cfg: BaseRunConfig) -> dict:
         state.last_eval_step = state.step
         monitor = cfg.checkpoint.monitor
         if monitor not in values:
-            raise ConfigError(f"key 'checkpoint.monitor': {monitor!r} is not an evaluation metric; available: {', '.join(sorted(values))}")
+            raise ckpt.monitor_error(monitor, values)
         if cfg.sched.name == "plateau":
             scheduler.step(values[monitor])
         meta = dict(step=state.step, epoch=state.epoch, task=cfg.task, metrics=values, config=cfg.model_dump(mode="json"))
@@ -153,7 +150,7 @@ def train(cfg: BaseRunConfig) -> dict:
     window = defaultdict(float)  # train values summed since the last log line
     window_start = time.perf_counter()
     try:
-        while state.step < total_steps and (tc.max_steps or state.epoch < tc.epochs):
+        while more_to_train(state, total_steps, tc):
             start_epoch(task, train_loader, state.epoch)
             batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
             model.train()
@@ -216,7 +213,8 @@ def train(cfg: BaseRunConfig) -> dict:
                 save_last("epoch")
         if summary["stopped"] == "finished" and state.last_eval_step != state.step:
             evaluate_and_keep_best()
-        if state.step != resumed_step:  # a finished run started again has nothing new to save
+        # A finished run started again has nothing new to save, unless a kill cut its final save short.
+        if state.step != resumed_step or run_folder.resumed_reason != summary["stopped"]:
             save_last(summary["stopped"])
         if summary["stopped"] == "finished":
             summary |= task.after_training(run_dir, accelerator)
@@ -229,6 +227,7 @@ def train(cfg: BaseRunConfig) -> dict:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
         tracker.close()
+        run_folder.close()
 
     summary["step"] = state.step
     if accelerator.is_main_process and cfg.log.plot:
@@ -239,6 +238,10 @@ def train(cfg: BaseRunConfig) -> dict:
         tracker.summary({f"best/{best['monitor']}": best["monitor_value"], "best/step": best["step"]})
     accelerator.end_training()
     return summary
+
+
+def more_to_train(state: TrainState, total_steps: int, tc) -> bool:
+    return state.step < total_steps and bool(tc.max_steps or state.epoch < tc.epochs)
 
 
 def make_accelerator(cfg, log_with=None) -> Accelerator:

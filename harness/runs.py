@@ -6,12 +6,14 @@ depth). One row per run, best first: status, steps, wall time, the best value of
 
 - best: from the best checkpoint's meta.json, else the best value of the monitor in metrics.jsonl.
 - steps: the furthest step in metrics.jsonl or in checkpoints/last.
-- wall: from the run's first start (the time in the name of its earliest W&B run folder, else
-  config.yaml's mtime, which a resume rewrites) to the last write of metrics.jsonl; it includes any
+- wall: from the run's first start (the time in the name of its earliest W&B run folder or of its
+  first config_history/ entry, else config.yaml's mtime) to the last write of metrics.jsonl; it includes any
   time a stopped run spent waiting to be resumed.
-- status: from checkpoints/last/meta.json's `reason`: finished; stopped (SIGTERM, SIGINT,
-  max_minutes: resumable); else running when metrics.jsonl was written in the last 15 minutes, or
-  crashed (ended without its final save: killed, machine lost, NaN loss; resumable from `last`).
+- status: running while a live process holds the run's lock (`.lock`); else from
+  checkpoints/last/meta.json's `reason`: finished; stopped (SIGTERM, SIGINT, max_minutes: resumable);
+  else crashed (ended without its final save: killed, machine lost, NaN loss; resumable from `last`).
+  A run from before locks existed (no `.lock`) counts as running while metrics.jsonl was written in
+  the last 15 minutes.
 
 --csv writes the same rows as CSV (raw numbers, wall in seconds) to stdout, or to PATH and the table
 to the terminal.
@@ -36,6 +38,7 @@ from rich.table import Table
 
 from harness import checkpoint as ckpt
 from harness.tracking import read_metrics
+from harness.rundir import HISTORY, flatten, has_lock_file, lock_holder
 
 RUNNING_WINDOW_S = 15 * 60
 STOPPED_REASONS = ("SIGTERM", "SIGINT", "max_minutes")
@@ -83,7 +86,7 @@ def read_run(run_dir: Path, root: Path, now: float) -> Run:
     run = Run(
         name=str(run_dir.relative_to(root)) if run_dir != root else run_dir.name,
         config=config,
-        status=run_status(last_meta.get("reason"), now - metrics_written),
+        status=run_status(last_meta.get("reason"), now - metrics_written, has_lock_file(run_dir), lock_holder(run_dir) is not None),
         steps=max([row.get("step", 0) for row in rows] + [last_meta.get("step", 0)]),
         wall_s=metrics_written - first_start(run_dir),
         monitor=config.get("checkpoint.monitor"),
@@ -100,27 +103,22 @@ def read_run(run_dir: Path, root: Path, now: float) -> Run:
     return run
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def run_status(reason: str | None, since_last_metric_s: float) -> str:
+def run_status(reason: str | None, since_last_metric_s: float, locked_runs: bool = False, held: bool = False) -> str:
+    if held:
+        return "running"
     if reason == "finished":
         return "finished"
     if reason in STOPPED_REASONS:
         return f"stopped ({reason})"
+    if locked_runs:  # no live holder: the process is gone
+        return "crashed"
     return "running" if since_last_metric_s < RUNNING_WINDOW_S else "crashed"
 
 
 def first_start(run_dir: Path) -> float:
-    """The earliest W&B run folder's start time (W&B names them by local time), else config.yaml's mtime."""
-    starts = []
+    """The earliest W&B run folder's start time (W&B names them by local time) or first recorded
+    config (config_history/), else config.yaml's mtime."""
+    starts = [path.stat().st_mtime for path in sorted((run_dir / HISTORY).glob("*.yaml"))[:1]]
     for folder in (run_dir / "wandb").glob("*run-*"):
         match = WANDB_RUN_FOLDER.match(folder.name)
         if match:

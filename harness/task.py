@@ -80,6 +80,12 @@ class Task:
         averages the non-NaN values. Must include "loss"."""
         raise NotImplementedError
 
+    def metric_names(self) -> list[str] | None:
+        """The names `metrics` returns, known once `build_datasets` has run (they may depend on the
+        data), so that a mistyped `checkpoint.monitor` stops the run before its first step. None (the
+        default): not declared; the monitor is then checked at the first evaluation."""
+        return None
+
     def predict_folder(self, model: nn.Module, folder: str, out: str | None, *, tta: str = "none", **options) -> dict:
         """Predict for a folder of files (infer.py --data): write `out` in the task's own format
         (e.g. a competition submission) or score a labelled folder; returns a summary to print.

@@ -16,6 +16,7 @@ import pytest
 from conftest import ROOT, SMOKE_CNN, clean_env, read_metrics
 from gwi.report import val_mae_curve
 from harness import checkpoint as ckpt
+from harness import rundir
 from harness.config import load_config
 from harness.loop import train
 from harness.plots import plot_metrics
@@ -76,11 +77,19 @@ def test_table_is_printed_with_rich_and_csv_goes_to_a_path(outputs, tmp_path):
     assert order == [row["run"] for row in rows]
 
 
-def test_a_run_without_its_final_save_is_running_while_it_writes_then_crashed(outputs, tmp_path):
+def test_a_run_without_its_final_save_is_running_while_its_lock_is_held_then_crashed(outputs, tmp_path):
     # A copy of a finished run whose last save is an epoch's: what a lost machine leaves behind.
     shutil.copytree(outputs / "lr-slow", tmp_path / "lost")
     meta_path = tmp_path / "lost" / "checkpoints" / "last" / ckpt.META
     meta_path.write_text(json.dumps({**ckpt.read_meta(meta_path.parent), "reason": "epoch"}))
+    lock = rundir.RunLock(tmp_path / "lost")  # this process plays the live run
+    lock.acquire()
+    assert csv_rows(runs_cli(tmp_path, "--csv").stdout)[0]["status"] == "running"
+    lock.release()
+    assert csv_rows(runs_cli(tmp_path, "--csv").stdout)[0]["status"] == "crashed"  # no live holder, fresh metrics or not
+
+    # A run from before locks existed (no .lock): the time of its last metrics decides.
+    (tmp_path / "lost" / rundir.LOCK).unlink()
     assert csv_rows(runs_cli(tmp_path, "--csv").stdout)[0]["status"] == "running"
     hour_ago = time.time() - 3600
     os.utime(tmp_path / "lost" / "metrics.jsonl", (hour_ago, hour_ago))
