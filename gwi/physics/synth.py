@@ -22,7 +22,6 @@ one smaller), K = 1, 2, ... the layout `gwi.layout` reads.
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import re
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.errors import UserError
+from harness.errors import ArgumentParser, UserError
 
 PER_FILE = 500
 
@@ -239,14 +238,8 @@ def run(args) -> list[Shard]:
     return todo
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2 (argparse would add the usage)
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m gwi.physics.synth", description=__doc__.strip().splitlines()[0])
+    parser = ArgumentParser(prog="python -m gwi.physics.synth", description=__doc__.strip().splitlines()[0])
     parser.add_argument("--family", help="FlatVel_A, ..., Style_B (with --from-velocity: the output family name)")
     parser.add_argument("--n", type=int, help="samples to generate (with --from-velocity: at most this many)")
     parser.add_argument("--out", type=Path, required=True, help="root folder; <Family>/data, <Family>/model go under it")
