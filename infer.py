@@ -25,7 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.errors import UserError, print_user_error
+from harness.errors import ArgumentParser, UserError, print_user_error
 from harness.inference import evaluate_checkpoints, predict_folder, print_json
 
 NUM_WORKERS = 2  # DataLoader workers reading --data
@@ -76,14 +76,14 @@ def physics_options(args) -> dict | None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], usage=__doc__.split("\n\n")[1])
+    parser = ArgumentParser(description=__doc__.strip().splitlines()[0], usage=__doc__.split("\n\n")[1])
     parser.add_argument("--checkpoint", action="append", required=True, help="run directory or checkpoint directory; repeat to ensemble")
     parser.add_argument("--data", help="folder to predict for (task-specific)")
     parser.add_argument("--out", help="output file for --data (gwi: submission.csv)")
     parser.add_argument("--tta", choices=["none", "flip"], default="none", help="flip: average with the mirrored sample's prediction")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--num-workers", type=int, default=None, help=f"DataLoader workers reading --data (default {NUM_WORKERS})")
-    parser.add_argument("--save-predictions", help="labelled --data: also save the predictions (.npy)")
+    parser.add_argument("--batch-size", type=number(int, 1), default=None)
+    parser.add_argument("--num-workers", type=number(int, 0), default=None, help=f"DataLoader workers reading --data (default {NUM_WORKERS})")
+    parser.add_argument("--save-predictions", help="labelled --data: also save the predictions (.npy); refused for a test folder")
     physics = parser.add_argument_group("physics (gwi, with --data)")
     physics.add_argument("--physics-misfit", action="store_true", help="report the normalised seismic misfit of the maps")
     physics.add_argument("--refine-steps", type=number(int, 0), default=0, metavar="N",

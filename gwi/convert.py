@@ -12,7 +12,6 @@ is written, non-finite values when their file is converted; both errors name the
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from gwi.layout import MANIFEST, find_pairs
-from harness.errors import UserError, print_user_error
+from gwi.layout import MANIFEST, find_pairs, npy_writer
+from harness.errors import ArgumentParser, UserError, print_user_error
 
 CHUNK = 50  # samples converted at a time: bounds memory to ~70 MB whatever the file size
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -33,26 +32,24 @@ def convert_array(src: Path, dst: Path, dtype: np.dtype) -> dict:
     values and values float16 cannot hold, naming the file and sample (velocity outside [1500, 4500]
     m/s was refused before, when `find_pairs` found the pair)."""
     source = np.load(src, mmap_mode="r")
-    tmp = dst.with_name(dst.name + ".tmp")
-    target = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=source.shape)
     low, high = np.inf, -np.inf
-    for start in range(0, len(source), CHUNK):
-        chunk = np.asarray(source[start:start + CHUNK], dtype=np.float32)
-        finite = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
-        if not finite.all():
-            raise UserError(f"{src}: sample {start + int(np.argmin(finite))} contains NaN or inf values")
-        low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
-        if dtype == np.float16 and max(abs(low), abs(high)) > FLOAT16_MAX:
-            raise UserError(f"{src}: values up to {max(abs(low), abs(high)):g} do not fit float16 (max {FLOAT16_MAX:g})")
-        target[start:start + len(chunk)] = chunk
-    target.flush()
-    del target
-    os.replace(tmp, dst)
+    with npy_writer(dst, dtype, source.shape) as target:
+        for start in range(0, len(source), CHUNK):
+            chunk = np.asarray(source[start:start + CHUNK], dtype=np.float32)
+            finite = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
+            if not finite.all():
+                raise UserError(f"{src}: sample {start + int(np.argmin(finite))} contains NaN or inf values")
+            low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+            if dtype == np.float16 and max(abs(low), abs(high)) > FLOAT16_MAX:
+                raise UserError(f"{src}: values up to {max(abs(low), abs(high)):g} do not fit float16 (max {FLOAT16_MAX:g})")
+            target[start:start + len(chunk)] = chunk
     return {"min": low, "max": high}
 
 
 def convert(src: Path, dst: Path) -> dict:
     src, dst = Path(src), Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"DST {dst}: exists and is not a folder; give a new or a partly converted folder")
     if (dst / MANIFEST).exists():
         raise UserError(f"{dst} already holds a finished conversion ({dst / MANIFEST}); refusing to overwrite it")
     if dst.resolve() == src.resolve():
@@ -103,7 +100,7 @@ def summarize(files: list[dict]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = ArgumentParser(prog="python -m gwi.convert", description=__doc__.strip().splitlines()[0])
     parser.add_argument("src", type=Path, help="a folder of family folders (or one family folder)")
     parser.add_argument("dst", type=Path, help="where the float16 copy goes (created; resumed if interrupted)")
     args = parser.parse_args(argv)

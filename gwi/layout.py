@@ -12,6 +12,7 @@ are read whole, once, to check their range.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -36,6 +37,7 @@ SEISMIC_SAMPLE_SHAPE = (len(SOURCE_X), TIME_STEPS, MAP_SIZE)
 VELOCITY_SAMPLE_SHAPE = (1, MAP_SIZE, MAP_SIZE)
 ALLOWED_DTYPES = (np.dtype("float32"), np.dtype("float16"))
 MANIFEST = "manifest.json"
+TRAINING_LAYOUTS = "<Family>/data/dataN.npy + <Family>/model/modelN.npy or <Family>/seisX.npy + <Family>/velX.npy"
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,11 @@ def _family_dirs(root: Path) -> list[Path]:
     return sorted(d for d in root.iterdir() if d.is_dir() and _family_pairs_present(d))
 
 
+def has_training_data(root: str | os.PathLike) -> bool:
+    """Whether `root` holds family folders (or is one), in either layout; files are not checked."""
+    return bool(_family_dirs(Path(root)))
+
+
 def _family_pairs_present(folder: Path) -> bool:
     return (folder / "data").is_dir() or (folder / "model").is_dir() or any(folder.glob("seis*.npy")) or any(folder.glob("vel*.npy"))
 
@@ -144,8 +151,7 @@ def find_pairs(roots: list[str | os.PathLike]) -> list[FilePair]:
             raise UserError(f"key 'data.roots': {str(root)!r} is not a directory")
         families = _family_dirs(root)
         if not families:
-            raise UserError(f"{root}: no training data found (expected <Family>/data/dataN.npy + <Family>/model/modelN.npy "
-                            "or <Family>/seisX.npy + <Family>/velX.npy)")
+            raise UserError(f"{root}: no training data found (expected {TRAINING_LAYOUTS})")
         for family_dir in families:
             for seismic, velocity in _family_pairs(family_dir):
                 pairs.append(FilePair(family_dir.name, seismic, velocity, check_pair(seismic, velocity)))
@@ -188,6 +194,28 @@ def family_stats(pairs: list[FilePair]) -> dict[str, dict]:
             "velocity_mean": float(sum(float(v.astype(np.float64).sum()) for v in velocity) / sum(v.size for v in velocity)),
         }
     return stats
+
+
+@contextlib.contextmanager
+def npy_writer(path: Path, dtype, shape: tuple[int, ...]):
+    """A .npy memory map to fill, which appears at `path` only once the block ends without an error
+    (written under a temporary name, its header checked, then renamed): an earlier file at `path`
+    survives a failed run, and no half-written file ever carries the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
+        yield array
+        array.flush()
+        del array
+        written = np.load(tmp, mmap_mode="r")
+        if written.shape != tuple(shape) or written.dtype != np.dtype(dtype):
+            raise OSError(f"{tmp}: wrote {written.shape} {written.dtype}, expected {tuple(shape)} {np.dtype(dtype)}")
+        del written
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_manifest(root: Path) -> dict | None:

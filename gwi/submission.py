@@ -15,6 +15,7 @@ result, per-sample values into a CSV.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from dataclasses import dataclass
@@ -26,9 +27,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from gwi.data import SeismicPairs
-from gwi.layout import MAP_SIZE, SEISMIC_SAMPLE_SHAPE, VELOCITY_MAX, VELOCITY_MIN, VELOCITY_SAMPLE_SHAPE, find_pairs
+from gwi.layout import MAP_SIZE, SEISMIC_SAMPLE_SHAPE, VELOCITY_MAX, VELOCITY_MIN, VELOCITY_SAMPLE_SHAPE, find_pairs, npy_writer
 from gwi.physics.fwi import DEFAULT_LR, refine, seismic_misfit
 from harness.errors import UserError
+from harness.inference import check_output_file
 
 ODD_COLUMNS = tuple(range(1, MAP_SIZE, 2))
 HEADER = "oid_ypos," + ",".join(f"x_{x}" for x in ODD_COLUMNS) + "\n"
@@ -51,7 +53,10 @@ class TestFiles(Dataset):
 
     def __getitem__(self, index: int):
         path = self.paths[index]
-        seismic = np.load(path)
+        try:
+            seismic = np.load(path)
+        except (ValueError, OSError, EOFError) as err:  # truncated, a text file, a pickle: name the file
+            raise UserError(f"{path}: not a readable .npy file ({err})") from None
         if seismic.shape != SEISMIC_SAMPLE_SHAPE:
             raise UserError(f"{path}: shape {seismic.shape}, expected {SEISMIC_SAMPLE_SHAPE}")
         if not np.isfinite(seismic).all():
@@ -164,6 +169,8 @@ class PhysicsReport:
         self.refining = options.refine_steps > 0
         self.refine_batch = REFINE_BATCH_CUDA if torch.device(device).type == "cuda" else REFINE_BATCH_CPU
         self.rows: list[dict] = []
+        if options.csv:
+            check_output_file("--physics-csv", options.csv)
         # One bar for the whole folder: refinement is the slow part (seconds per map and step on a CPU).
         self.bar = tqdm(total=samples * options.refine_steps, desc="refine", unit="map-step") if self.refining else None
 
@@ -267,11 +274,21 @@ def evaluate_folder(task, model, folder: Path, batch_size: int, num_workers: int
     families = sorted({p.family for p in pairs})
     dataset = SeismicPairs(pairs, families)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
-    saved = np.lib.format.open_memmap(save_predictions, mode="w+", dtype=np.float32, shape=(len(dataset), *VELOCITY_SAMPLE_SHAPE)) \
-        if save_predictions else None
+    with contextlib.ExitStack() as stack:  # the predictions appear at save_predictions only once complete
+        saved = stack.enter_context(npy_writer(save_predictions, np.float32, (len(dataset), *VELOCITY_SAMPLE_SHAPE))) \
+            if save_predictions else None
+        result = _score_folder(task, model, dataset, loader, device, saved, _physics(physics, len(dataset), device))
+    if save_predictions:
+        result["predictions"] = str(save_predictions)
+    return result
+
+
+def _score_folder(task, model, dataset: SeismicPairs, loader, device, saved, report) -> dict:
+    """evaluate_folder's loop: the MAE sums over the folder, each batch's predictions written into
+    `saved` (a (N, 1, 70, 70) array or None), physics applied by `report` (or None)."""
+    families = dataset.families
     sums = {"mae": 0.0, "mae_odd": 0.0, **{f"mae_{f}": 0.0 for f in families}}
     counts = {f: 0 for f in families}
-    report = _physics(physics, len(dataset), device)
     start = 0
     for seismic, velocity, family in tqdm(loader, desc="evaluate", unit="batch"):
         seismic = seismic.to(device)
@@ -293,12 +310,8 @@ def evaluate_folder(task, model, folder: Path, batch_size: int, num_workers: int
         if saved is not None:
             saved[start:start + len(predicted)] = predicted.numpy()
         start += len(predicted)
-    if saved is not None:
-        saved.flush()
     result = {"samples": len(dataset), "mae": sums["mae"] / len(dataset), "mae_odd": sums["mae_odd"] / len(dataset)}
     result |= {f"mae_{f}": sums[f"mae_{f}"] / counts[f] for f in families if counts[f]}
-    if save_predictions:
-        result["predictions"] = str(save_predictions)
     if report is not None:
         result |= report.summary()
     return result

@@ -16,7 +16,7 @@ from pydantic import AfterValidator, Field, field_validator
 from torch import nn
 
 from gwi.data import SeismicInput, SeismicPairs, build_datasets, dataset_families
-from gwi.layout import TIME_STEPS, VELOCITY_MAX, VELOCITY_MIN
+from gwi.layout import SEISMIC_SAMPLE_SHAPE, TIME_STEPS, TRAINING_LAYOUTS, VELOCITY_MAX, VELOCITY_MIN, has_training_data
 from gwi.models import (MODELS, check_pretrained_path, create_model, known_models, resolve_decoder_channels, resolve_drop_path,
                         resolve_encoder)
 from gwi.physics.velocity import FAMILIES
@@ -202,5 +202,12 @@ class GwiTask(Task):
         if is_test_folder(folder):
             if not out:
                 raise UserError("--out: give the submission CSV path for a test folder")
+            if save_predictions:
+                raise UserError(f"--save-predictions: {folder} is a test folder, whose predictions are the submission "
+                                "(--out); --save-predictions saves a labelled folder's predictions")
             return write_submission(self, model.eval(), folder, Path(out), **options)
+        if not has_training_data(folder):
+            raise UserError(f"--data {folder}: {'empty' if not any(folder.iterdir()) else 'no data found'}; expected a test "
+                            f"folder of <id>.npy files {SEISMIC_SAMPLE_SHAPE} or a labelled folder in the training layout "
+                            f"({TRAINING_LAYOUTS})")
         return evaluate_folder(self, model.eval(), folder, save_predictions=save_predictions, **options)

@@ -12,33 +12,18 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import wandb
-from wandb.sdk import wandb_setup
 
 from harness.checkpoint import read_meta
 from harness.errors import UserError
-from harness.tracking import has_wandb_credentials
+from harness.tracking import has_wandb_credentials, wandb_server_unreachable
 
 ARTIFACT_TYPE = "model"
 SPEC_PREFIX = "wandb:"
 API_TIMEOUT_S = 20  # an unreachable server fails after this, not after wandb's own long retries
-CONNECT_TIMEOUT_S = 5
-
-
-def unreachable(url: str) -> str | None:
-    """Why a TCP connection to the server of `url` fails within CONNECT_TIMEOUT_S, or None if it opens."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as err:
-        return err.strerror or type(err).__name__
-    return None
 
 
 def artifact_name(run) -> str:
@@ -108,14 +93,12 @@ def resolve_checkpoint(spec: str) -> str:
     if not has_wandb_credentials():
         raise UserError(f"--checkpoint {spec}: downloading a W&B artifact needs an API key (WANDB_API_KEY "
                         f"or `wandb login`): none found; log in, {fetch_elsewhere}")
-    # wandb's client retries a refused connection with back-off for a minute or more; a machine
-    # without network should hear so at once. Behind a proxy a direct connection proves nothing.
-    server = wandb_setup.singleton().settings.base_url
-    if not any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
-        reason = unreachable(server)
-        if reason:
-            raise UserError(f"--checkpoint {spec}: could not download the W&B artifact: cannot connect to {server} "
-                            f"({reason}); {fetch_elsewhere}")
+    import wandb  # only an artifact download needs wandb itself
+
+    server, reason = wandb_server_unreachable()
+    if reason:
+        raise UserError(f"--checkpoint {spec}: could not download the W&B artifact: cannot connect to {server} "
+                        f"({reason}); {fetch_elsewhere}")
     try:
         artifact = wandb.Api(timeout=API_TIMEOUT_S).artifact(reference, type=ARTIFACT_TYPE)
         return artifact.download()

@@ -257,6 +257,10 @@ def resolve(path: str | os.PathLike) -> Path:
     if readable(path):
         return readable(path)
     ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    best = ckpt_dir / "best"
+    if best.is_dir() and readable(best) is None:  # never fall back to a worse top-k entry or `last` unasked
+        raise FileNotFoundError(f"{str(best)!r} is incomplete (no {META}: damaged, or its save was cut short); "
+                                f"give another checkpoint directory, e.g. {str(ckpt_dir / 'last')!r}")
     ranked = best_dirs(ckpt_dir)
     if ranked:
         return ranked[0]

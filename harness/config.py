@@ -22,7 +22,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 
 
 class Trainer(Section):
-    epochs: int = Field(10, ge=0, description="passes over the training set")
+    epochs: int = Field(10, ge=1, description="passes over the training set (trainer.max_steps, when set, decides instead)")
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer updates (overrides epochs)")
     batch_size: int = Field(32, ge=1, description="per process")
     eval_batch_size: Optional[int] = Field(None, ge=1, description="per process; default batch_size")

@@ -5,6 +5,7 @@ named error costs no pydantic or accelerate import and creates no import circle.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -43,6 +44,15 @@ def user_message(err: BaseException) -> str:
     if "Original Traceback" in text:
         text = text.rstrip().splitlines()[-1].split("Error: ", 1)[-1]
     return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a bad flag reported like every other user mistake: `error: ...` on one line
+    (not argparse's usage dump) and exit 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT)
 
 
 def print_user_error(err: BaseException) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -71,6 +72,23 @@ def evaluate_checkpoints(paths: list[str], overrides: list[str] = (), batch_size
     return {"checkpoints": [str(ckpt.resolve(p)) for p in paths], **{f"val/{k}": v for k, v in metrics.items()}}
 
 
+def check_output_file(flag: str, path: str | os.PathLike) -> Path:
+    """Refuse an output path that could not be written, before any work is done (a mistake found
+    after predicting a whole folder costs the whole prediction): a directory, or a parent that is a
+    file or not writable. Missing parent folders are fine (the writer creates them)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a directory; give a file path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write into {parent} (permission denied)")
+    return path
+
+
 def print_json(values: dict) -> None:
     print(json.dumps(values, indent=1))
 
@@ -81,7 +99,10 @@ def predict_folder(paths: list[str], data: str, out: str | None, tta: str, batch
     """The ensemble's predictions for a folder of data, in the task's own format (the task's
     `predict_folder`: e.g. a Kaggle submission, or metrics of a labelled folder). `physics`: the
     task's physics options (gwi: misfit / refinement, `gwi.submission.PhysicsOptions`), passed on
-    only when given, on the same device as the model."""
+    only when given, on the same device as the model. Output paths are checked first."""
+    for flag, path in (("--out", out), ("--save-predictions", save_predictions)):
+        if path:
+            check_output_file(flag, path)
     task, cfg, model = load_ensemble(paths, overrides)
     if tta not in task.tta_modes:
         raise UserError(f"--tta {tta}: task {task.name!r} has no such test-time augmentation; it has: {', '.join(task.tta_modes)}")

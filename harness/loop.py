@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import math
+import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,13 +30,13 @@ from harness.artifacts import CheckpointUploader
 from harness import checkpoint as ckpt
 from harness.checkpoint import Checkpointer
 from harness.config import BaseRunConfig
-from harness.errors import RunFailed, ConfigError
+from harness.errors import RunFailed, ConfigError, UserError, user_message
 from harness.optim import build_ema, build_optimizer, build_scheduler
 from harness.sam import SharpnessAware
 from harness.plots import plot_metrics
 from harness.rundir import RunFolder
 from harness.task import get_task
-from harness.tracking import Tracker, start_wandb
+from harness.tracking import Tracker, configured_wandb_mode, start_wandb
 
 
 # Accelerate's optimizer wrapper asks importlib whether `lomo_optim` is installed twice per step (0.3 ms
@@ -52,6 +54,7 @@ class TrainState:
         self.last_eval_step = -1  # so a resumed run does not evaluate the same weights twice
         self.total_steps = 0  # the schedule's length when the checkpoint was written
         self.wandb_run_id = None
+        self.eval_pending = False  # a stop interrupted an evaluation of these weights: the next run redoes it
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -65,7 +68,7 @@ def train(cfg: BaseRunConfig) -> dict:
     task = get_task(cfg.task, cfg)
     tc = cfg.trainer
     run_dir = Path(cfg.output_dir)
-    accelerator = make_accelerator(cfg, log_with="wandb" if cfg.log.wandb != "disabled" else None)
+    accelerator = make_accelerator(cfg, log_with="wandb" if configured_wandb_mode(cfg.log.wandb) != "disabled" else None)
     if tc.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         accelerator.print("note: fp16 autocast has no effect on CPU; use trainer.mixed_precision=bf16 there")
     # Checked and locked before any work; an earlier run is moved aside or trimmed to the checkpoint.
@@ -120,11 +123,27 @@ def train(cfg: BaseRunConfig) -> dict:
     previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     deadline = time.monotonic() + tc.max_minutes * 60 if tc.max_minutes else None
 
-    def evaluate_and_keep_best() -> dict:
+    def stop_wanted() -> bool:
+        return bool(stop_requested) or (deadline is not None and time.monotonic() > deadline)
+
+    def stop_evaluation() -> bool:  # asked before every evaluation batch; every process gets the same answer
+        return any_process(accelerator, stop_wanted())[0]
+
+    def evaluate_and_keep_best() -> dict | None:
+        """The evaluation's values, or None when a stop request interrupted it (then nothing is kept,
+        and `last` records that these weights still need their evaluation)."""
         values = {}
-        if ema is not None:
-            values |= {f"val_raw/{k}": v for k, v in evaluate(accelerator, task, model, val_loader, tc.channels_last).items()}
-        values |= {f"val/{k}": v for k, v in evaluate(accelerator, task, weights_for_inference, val_loader, tc.channels_last).items()}
+        state.eval_pending = True
+        try:
+            if ema is not None:
+                values |= {f"val_raw/{k}": v for k, v in evaluate(accelerator, task, model, val_loader, tc.channels_last,
+                                                                    stop_evaluation).items()}
+            values |= {f"val/{k}": v for k, v in evaluate(accelerator, task, weights_for_inference, val_loader,
+                                                          tc.channels_last, stop_evaluation).items()}
+        except EvaluationStopped:
+            summary["stopped"] = stop_requested[0] if stop_requested else "max_minutes"
+            return None
+        state.eval_pending = False
         state.last_eval_step = state.step
         monitor = cfg.checkpoint.monitor
         if monitor not in values:
@@ -138,9 +157,26 @@ def train(cfg: BaseRunConfig) -> dict:
         tracker.message(f"eval step {state.step}: " + " ".join(f"{k} {v:.5g}" for k, v in values.items()))
         return values
 
+    saved = {"step": resumed_step}  # the step `last` on disk holds
+    resumed_with_eval_pending = state.eval_pending
+
     def save_last(reason: str) -> None:
         meta = dict(step=state.step, epoch=state.epoch, task=cfg.task, reason=reason, config=cfg.model_dump(mode="json"))
         uploader.last_saved(checkpointer.save_last(weights_for_inference, meta), state.step)
+        saved["step"] = state.step
+
+    def keep_work_before(err: UserError) -> str:
+        """Save `last` as of the last completed update (a partly accumulated update is dropped and
+        its batches are read again on resume); say what was saved."""
+        if accelerator.num_processes > 1:  # the other processes are not at this point: no collective save
+            return f"`last` is not saved (several processes); the last checkpoint in {run_dir / 'checkpoints'} stays"
+        state.batches_in_epoch = update_boundary
+        if state.step > 0 and state.step != saved["step"]:
+            save_last("data error")
+        fix = "fix or remove the file, then run the same command again"
+        if saved["step"] is None:
+            return f"the run stopped before its first update, nothing was saved: {fix}"
+        return f"the run stopped; saved {run_dir / 'checkpoints' / 'last'} at step {state.step}, the state before that batch: {fix} to resume"
 
     def epoch_progress() -> float:
         return state.epoch + state.batches_in_epoch / len(train_loader)
@@ -149,15 +185,19 @@ def train(cfg: BaseRunConfig) -> dict:
     summary = {"stopped": "finished"}
     window = defaultdict(float)  # train values summed since the last log line
     window_start = time.perf_counter()
+    update_boundary = state.batches_in_epoch  # batches_in_epoch after the last optimizer update
+    training_done = False
     try:
-        while more_to_train(state, total_steps, tc):
+        if state.eval_pending:  # the previous run was stopped during this evaluation
+            evaluate_and_keep_best()
+        while summary["stopped"] == "finished" and more_to_train(state, total_steps, tc):
             start_epoch(task, train_loader, state.epoch)
             batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
             model.train()
             for batch, last_replay in replayed(batches, tc.batch_replays):
                 # The stop request travels with the step's non-finite check: one all-reduce for both.
                 try:
-                    done = update_step(batch, bool(stop_requested) or (deadline is not None and time.monotonic() > deadline))
+                    done = update_step(batch, stop_wanted())
                 except NonFiniteLoss as err:
                     raise RunFailed(f"{err} at step {state.step}, epoch {state.epoch}: "
                                     f"the run stops; the last good checkpoint is kept in {run_dir / 'checkpoints'}. "
@@ -178,6 +218,7 @@ def train(cfg: BaseRunConfig) -> dict:
                 if not optimizer.step_was_skipped and cfg.sched.name != "plateau":
                     scheduler.step()
                 state.step += 1
+                update_boundary = state.batches_in_epoch
                 if ema is not None:
                     ema.update(raw_model, step=state.step)
                 window["updates"] += 1
@@ -194,7 +235,8 @@ def train(cfg: BaseRunConfig) -> dict:
                 if extra:
                     tracker.log(extra, state.step, epoch_progress())
                 if tc.eval_every_steps and state.step % tc.eval_every_steps == 0:
-                    evaluate_and_keep_best()
+                    if evaluate_and_keep_best() is None:
+                        break
                     model.train()
                 if tc.save_every_steps and state.step % tc.save_every_steps == 0:
                     save_last("periodic")
@@ -207,15 +249,19 @@ def train(cfg: BaseRunConfig) -> dict:
                 break
             if state.batches_in_epoch >= len(train_loader):  # the epoch ran to its end
                 state.epoch += 1
-                state.batches_in_epoch = 0
+                state.batches_in_epoch = update_boundary = 0
                 if tc.eval_every_epochs and state.epoch % tc.eval_every_epochs == 0 and state.last_eval_step != state.step:
-                    evaluate_and_keep_best()
+                    if evaluate_and_keep_best() is None:
+                        break
                 save_last("epoch")
         if summary["stopped"] == "finished" and state.last_eval_step != state.step:
             evaluate_and_keep_best()
-        # A finished run started again has nothing new to save, unless a kill cut its final save short.
-        if state.step != resumed_step or run_folder.resumed_reason != summary["stopped"]:
+        # A finished run started again has nothing new to save, unless a kill cut its final save short
+        # or a stop interrupted its evaluation.
+        if (state.step != resumed_step or run_folder.resumed_reason != summary["stopped"]
+                or state.eval_pending != resumed_with_eval_pending):
             save_last(summary["stopped"])
+        training_done = True
         if summary["stopped"] == "finished":
             summary |= task.after_training(run_dir, accelerator)
         else:
@@ -223,6 +269,12 @@ def train(cfg: BaseRunConfig) -> dict:
                 tracker.mark_preempting()
             tracker.message(f"stopped by {summary['stopped']} at step {state.step}: saved {run_dir / 'checkpoints' / 'last'}; "
                             "run the same command again to resume")
+    except UserError as err:
+        if isinstance(err, ConfigError) or training_done:
+            raise
+        # Bad data met mid-run (a NaN sample, a damaged file): keep the work done up to the last
+        # completed update, then fail naming the file (exit 1: the run stopped, the input needs fixing).
+        raise RunFailed(f"{user_message(err)}; {keep_work_before(err)}") from None
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
@@ -391,11 +443,26 @@ def replayed(batches, replays: int):
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers ignore SIGINT/SIGTERM: a Ctrl-C or a shutdown reaches the whole process
-    group, and a worker that died of it would crash the main process before it can save `last`.
-    The main process stops them itself; orphaned workers exit when their parent is gone."""
+    """DataLoader workers ignore SIGINT, and SIGTERM from anyone but their parent: a Ctrl-C or a
+    shutdown reaches the whole process group, and a worker that died of it would crash the main
+    process before it can save `last`. Their parent's SIGTERM (the DataLoader's shutdown, or
+    multiprocessing's at exit, which then waits for the worker) must still end them, or a run that
+    fails with workers running would hang at exit. A signal handler cannot see the sender, so
+    SIGTERM is blocked and a thread takes it with sigwaitinfo, which can. Without sigwaitinfo
+    (macOS) SIGTERM keeps its default: a group stop may then kill a worker, but nothing hangs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = multiprocessing.parent_process()
+    parent_pid = parent.pid if parent is not None else os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+    threading.Thread(target=_obey_parent_sigterm, args=(parent_pid,), daemon=True, name="sigterm").start()
+
+
+def _obey_parent_sigterm(parent_pid: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent_pid:
+            os._exit(0)  # quietly: the parent asked (a non-zero exit makes its SIGCHLD handler raise)
 
 
 def any_process(accelerator, *flags: bool) -> list[bool]:
@@ -421,14 +488,22 @@ def summarize_window(window: dict, seconds: float) -> dict:
     return values
 
 
+class EvaluationStopped(Exception):
+    """A stop request arrived during an evaluation (`evaluate`'s should_stop said so)."""
+
+
 @torch.no_grad()
-def evaluate(accelerator, task, model, loader, channels_last: bool = False) -> dict[str, float]:
+def evaluate(accelerator, task, model, loader, channels_last: bool = False, should_stop=None) -> dict[str, float]:
     """Average each per-sample metric over the whole validation set, gathered across processes with
-    the padding duplicates removed (gather_for_metrics), NaN entries ignored."""
+    the padding duplicates removed (gather_for_metrics), NaN entries ignored. `should_stop()`, asked
+    before every batch, ends a long evaluation early by raising EvaluationStopped."""
     was_training = model.training
     model.eval()
     sums, counts = defaultdict(lambda: 0.0), defaultdict(lambda: 0.0)
     for batch in loader:
+        if should_stop is not None and should_stop():
+            model.train(was_training)
+            raise EvaluationStopped
         if channels_last:
             batch = to_channels_last(batch)
         with accelerator.autocast():

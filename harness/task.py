@@ -10,10 +10,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from pathlib import Path
+from types import UnionType
+from typing import Union, get_args, get_origin
 
 import torch
 from accelerate.utils import find_batch_size
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -21,9 +23,23 @@ from harness.errors import ConfigError, UserError
 
 
 class Section(BaseModel):
-    """Base for every config section: unknown keys are errors, never silently ignored."""
+    """Base for every config section: unknown keys are errors, never silently ignored, and a number
+    key refuses a boolean (pydantic would take YAML's `true` as 1 for `trainer.epochs`)."""
 
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, protected_namespaces=())
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info):
+        if isinstance(value, bool) and _number_not_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got {str(value).lower()} (a YAML boolean: true/false/yes/no/on/off)")
+        return value
+
+
+def _number_not_bool(annotation) -> bool:
+    """An int or float field (optional or not) that does not also accept bool."""
+    options = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+    return bool(options & {int, float}) and bool not in options
 
 
 class Task:

@@ -8,12 +8,13 @@ import json
 import math
 import netrc
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 import wandb
 from tqdm.auto import tqdm
@@ -32,13 +33,63 @@ def has_wandb_credentials() -> bool:
         return False
 
 
+CONNECT_TIMEOUT_S = 5
+# W&B's own environment switches, as its users set them per machine or per shell; "run" and
+# "dryrun" are W&B's older names for online and offline.
+WANDB_MODE_NAMES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")
+
+
+def configured_wandb_mode(requested: str) -> str:
+    """log.wandb, unless W&B's own variables say otherwise: WANDB_MODE (online/offline/disabled),
+    when set, replaces it, and WANDB_DISABLED=true means disabled, as they do for any W&B program."""
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("true", "1", "yes"):
+        return "disabled"
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if not env:
+        return requested
+    if env not in WANDB_MODE_NAMES:
+        raise ConfigError(f"WANDB_MODE={env!r}: expected online, offline or disabled (or unset it to use log.wandb)")
+    return WANDB_MODE_NAMES[env]
+
+
+def wandb_server_unreachable() -> tuple[str, str | None]:
+    """(the W&B server's URL, why a direct TCP connection to it fails within CONNECT_TIMEOUT_S, or
+    None when it opens). wandb's client retries a refused connection with back-off for a minute or
+    more; a machine without network should hear so at once. Behind a proxy a direct connection
+    proves nothing, so then the answer is None."""
+    from wandb.sdk import wandb_setup  # only asked when W&B is about to go online
+
+    server = wandb_setup.singleton().settings.base_url
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return server, None
+    parts = urlsplit(server)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        return server, err.strerror or type(err).__name__
+    return server, None
+
+
 def resolve_wandb_mode(requested: str) -> str:
-    """online without credentials would prompt (or raise in a non-interactive shell): go offline."""
-    if requested == "online" and not has_wandb_credentials():
+    """The mode W&B starts in: `configured_wandb_mode`, then offline instead of online when there is
+    no API key (wandb would prompt, or raise in a non-interactive shell) or the server cannot be
+    reached (wandb would retry for 90 s first)."""
+    mode = configured_wandb_mode(requested)
+    if mode != requested:
+        print(f"W&B: {mode} (W&B's environment: WANDB_MODE / WANDB_DISABLED), not log.wandb={requested}", file=sys.stderr)
+    if mode == "online" and not has_wandb_credentials():
         print("W&B: no API key found (WANDB_API_KEY or ~/.netrc): logging offline; "
               "sync later with `wandb sync <output_dir>/wandb/offline-run-*`", file=sys.stderr)
         return "offline"
-    return requested
+    if mode == "online":
+        server, reason = wandb_server_unreachable()
+        if reason:
+            print(f"W&B: cannot connect to {server} ({reason}): logging offline; "
+                  "sync later with `wandb sync <output_dir>/wandb/offline-run-*`", file=sys.stderr)
+            return "offline"
+    return mode
 
 
 Started = TypeVar("Started")

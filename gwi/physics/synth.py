@@ -23,7 +23,6 @@ one smaller), K = 1, 2, ... the layout `gwi.layout` reads.
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import re
@@ -39,7 +38,7 @@ from tqdm.auto import tqdm
 from gwi.layout import MAP_SIZE, SOURCE_X, TIME_STEPS
 from gwi.physics.acoustic import forward_model
 from gwi.physics.velocity import FAMILIES, generate
-from harness.errors import RUN_FAILED_EXIT, UserError, print_user_error
+from harness.errors import RUN_FAILED_EXIT, ArgumentParser, UserError, print_user_error
 
 PER_FILE = 500
 # The end of the message for a file this command did not write for these arguments.
@@ -267,14 +266,8 @@ def run(args) -> list[Shard]:
     return todo
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2 (argparse would add the usage)
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m gwi.physics.synth", description=__doc__.strip().splitlines()[0])
+    parser = ArgumentParser(prog="python -m gwi.physics.synth", description=__doc__.strip().splitlines()[0])
     parser.add_argument("--family", help="FlatVel_A, ..., Style_B (with --from-velocity: the output family name)")
     parser.add_argument("--n", type=int, help="samples to generate (with --from-velocity: at most this many)")
     parser.add_argument("--out", type=Path, required=True, help="root folder; <Family>/data, <Family>/model go under it")
