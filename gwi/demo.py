@@ -44,7 +44,7 @@ from accelerate.state import PartialState
 from tqdm.auto import tqdm
 
 from gwi.layout import SEISMIC_SAMPLE_SHAPE, VELOCITY_SAMPLE_SHAPE, find_pairs
-from gwi.physics.acoustic import OPENFWI_SOURCES, forward_model
+from gwi.physics.acoustic import DEFAULTS, OPENFWI_SOURCES, forward_model
 from gwi.physics.synth import PER_FILE, Shard, save_atomic, shard_velocity
 from harness.errors import UserError
 
@@ -84,7 +84,8 @@ def spec(data) -> dict:
     return {"families": list(data.families), "num_train": data.num_train, "num_val": data.num_val,
             "num_test": data.num_test, "seed": data.synth_seed, "per_file": PER_FILE,
             "train_seismic_dtype": str(TRAIN_SEISMIC_DTYPE), "test_seismic_dtype": str(TEST_SEISMIC_DTYPE),
-            "simulator": "gwi.physics.forward_model with OpenFWI's defaults", "format": 1}
+            "simulator": "gwi.physics.forward_model with OpenFWI's defaults", "skip_steps": DEFAULTS["skip_steps"],
+            "format": 1}
 
 
 def split_evenly(total: int, families: list[str]) -> list[int]:

@@ -21,10 +21,15 @@ from its published description:
   at x cells 0, 17, 34, 52, 69 and depth cell 1; 70 receivers at depth cell 1, one per column; no
   free surface. (Positions are cells here; KAUST's code, which takes metres, moves a source or
   receiver at depth exactly 0 down one cell for its free-surface option; this one does not.)
-- OpenFWI ran T = 1001 steps and kept 1000 samples. Which one it dropped cannot be checked here
-  (its seismic is not on this machine); the default (`skip_steps=1`) drops the first, i.e. sample
-  k is the field after step k + 2 (1-based), as a public Kaggle re-implementation that was compared
-  with OpenFWI's files does. `skip_steps=0` keeps the first 1000 steps instead.
+- time axis: sample t (0-based) is the field after step t + 1 + skip_steps (1-based), the
+  wavelet's first sample injected at step 1; the default `skip_steps=0` runs nt = 1000 steps and
+  records every one. That is the saved output of the public OpenFWI port of the Kaggle 3rd-place
+  team (tascj/kaggle-waveform-inversion): its wavelet array starts with a dummy zero, it runs 1001
+  steps (the first adds that zero to a zero field), records after each step's injection and saves
+  `seis[:, 1:]`, so its saved sample t is the field after the step that injected wavelet sample t,
+  as ours is (a test transcribes its indexing). Its authors trained on that output mixed with the
+  real OpenFWI files. `skip_steps=1` is this module's earlier default (the run is one step longer
+  and the first step is not recorded): one sample later, ours[t] = the port's [t + 1].
 
 Arithmetic: float32 fields (the coefficients are computed in float64, then rounded), the update
 evaluated as fma(a3, S2, fma(a2, S1, fma(t1, p1, m2 p0))) with t1 = 2 - 5 alpha - kd, m2 = kd - 1,
@@ -75,7 +80,7 @@ from gwi.physics import _ckernel
 # OpenFWI's geometry and settings.
 OPENFWI_SOURCES = ((0, 1), (17, 1), (34, 1), (52, 1), (69, 1))  # (x, z) cells
 RECEIVER_DEPTH = 1  # cell; the default receivers are every column at this depth
-DEFAULTS = dict(dx=10.0, dt=1e-3, nt=1000, freq=15.0, nbc=120, skip_steps=1)
+DEFAULTS = dict(dx=10.0, dt=1e-3, nt=1000, freq=15.0, nbc=120, skip_steps=0)  # skip_steps: see "time axis"
 
 # Second-derivative coefficients of the 4th-order stencil (centre, distance 1, distance 2).
 C0, C1, C2 = -5.0 / 2.0, 4.0 / 3.0, -1.0 / 12.0
