@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gwi.physics import _ckernel
+from gwi.physics import _ckernel, triton_kernel
 
 # OpenFWI's geometry and settings.
 OPENFWI_SOURCES = ((0, 1), (17, 1), (34, 1), (52, 1), (69, 1))  # (x, z) cells
@@ -336,6 +336,15 @@ def _simulate_fast(co: _Coefficients, geom: Geometry, steps: int, skip: int, ski
     return out
 
 
+def _simulate_triton(co: _Coefficients, geom: Geometry, steps: int, skip: int, tiny: float) -> torch.Tensor:
+    """No-grad path on CUDA: the fused Triton kernel over the whole grid (no skipping: the GPU
+    updates every cell in the time the skipping's bookkeeping would take). Returns (nt, B*S, R)."""
+    _, _, H, W = co.t1.shape
+    srow, scol = geom.padded(geom.sources)
+    rrow, rcol = geom.padded(geom.receivers)
+    return triton_kernel.simulate(co.t1, co.m2, co.a2, co.a3, co.amp, srow * W + scol, rrow * W + rcol, steps, skip, tiny)
+
+
 def _steps_autograd(p0, p1, co: _Coefficients, amp, src_flat, rec_flat, first: int, last: int, skip: int, tiny: float):
     """Steps first..last (1-based, inclusive) out of place on the whole grid; returns p0, p1 and the
     records of the steps after `skip` (k, N, R)."""
@@ -425,8 +434,11 @@ def forward_model(
         this many steps in the backward pass instead of storing every field. skip_zeros,
         tighten_every: the exact skipping of the fast path (see the module's docstring).
         flush_below: |p| up to this becomes 0 after each step (0: never). backend: the fast
-        path's update, "c" (the fused C kernel, CPU float32), "torch", or "auto" (C where it
-        applies and compiles). threads: the C kernel's threads (default torch.get_num_threads()).
+        path's update, "c" (the fused C kernel, CPU float32), "triton" (the fused Triton kernel,
+        float32: CUDA tensors, or CPU tensors under Triton's interpreter, which is slow and only
+        for tests), "torch" (the reference torch ops), or "auto": C on the CPU and Triton on CUDA
+        where they apply and are available (GWI_PHYSICS_NO_C / GWI_PHYSICS_NO_TRITON turn them
+        off). threads: the C kernel's threads (default torch.get_num_threads()).
     """
     as_numpy = isinstance(vel, np.ndarray)
     v = torch.as_tensor(vel)
@@ -472,13 +484,19 @@ def forward_model(
     if tighten_every is None:
         tighten_every = TIGHTEN_EVERY if v.device.type == "cpu" else 0
     batch_size = int(batch_size or len(v))
-    if backend not in ("auto", "c", "torch"):
-        raise ValueError(f"backend must be auto, c or torch, got {backend!r}")
+    if backend not in ("auto", "c", "triton", "torch"):
+        raise ValueError(f"backend must be auto, c, triton or torch, got {backend!r}")
     c_applies = not grad and v.device.type == "cpu" and dtype == torch.float32
-    use_c = backend != "torch" and c_applies and _ckernel.available()
+    use_c = backend in ("auto", "c") and c_applies and _ckernel.available()
     if backend == "c" and not use_c:
         raise ValueError("backend='c': " + ("needs the no-grad path on the CPU in float32" if not c_applies
                                               else f"the C kernel is unavailable ({_ckernel.unavailable_reason()})"))
+    triton_applies = not grad and dtype == torch.float32 and (backend == "triton" or v.device.type == "cuda")
+    triton_missing = triton_kernel.unavailable_reason(v.device)
+    use_triton = backend in ("auto", "triton") and triton_applies and triton_missing is None
+    if backend == "triton" and not use_triton:
+        raise ValueError("backend='triton': " + ("needs the no-grad path in float32" if not triton_applies
+                                                   else f"the Triton kernel is unavailable ({triton_missing})"))
 
     outputs = []
     with torch.set_grad_enabled(grad):
@@ -487,6 +505,8 @@ def forward_model(
             co = _coefficients(chunk, geom, dx, dt, wavelet, steps, dtype)
             if grad:
                 rec = _simulate_autograd(co, geom, steps, skip_steps, checkpoint_steps, flush_below)
+            elif use_triton:
+                rec = _simulate_triton(co, geom, steps, skip_steps, flush_below)
             else:
                 rec = _simulate_fast(co, geom, steps, skip_steps, skip_zeros, tighten_every, flush_below, use_c, threads)
             # (nt, B*S, R) -> (B, S, nt, R)
