@@ -35,6 +35,7 @@ from accelerate.state import PartialState
 from tqdm.auto import tqdm
 
 from gwi.layout import SEISMIC_SAMPLE_SHAPE, VELOCITY_SAMPLE_SHAPE
+from gwi.physics.acoustic import DEFAULTS
 from gwi.physics.synth import PER_FILE, Shard, ShardFile, is_written, openfwi_files, simulate_shard, write_shard
 from harness.errors import UserError
 
@@ -69,7 +70,8 @@ def spec(data) -> dict:
     return {"families": list(data.families), "num_train": data.num_train, "num_val": data.num_val,
             "num_test": data.num_test, "seed": data.synth_seed, "per_file": PER_FILE,
             "train_seismic_dtype": str(TRAIN_SEISMIC_DTYPE), "test_seismic_dtype": str(TEST_SEISMIC_DTYPE),
-            "simulator": "gwi.physics.forward_model with OpenFWI's defaults", "format": 1}
+            "simulator": "gwi.physics.forward_model with OpenFWI's defaults", "skip_steps": DEFAULTS["skip_steps"],
+            "format": 1}
 
 
 def split_evenly(total: int, families: list[str]) -> list[int]:

@@ -213,6 +213,10 @@ def test_an_interrupted_cache_is_completed_and_a_foreign_one_refused(demo, tmp_p
     (folder / "spec.json").write_text(json.dumps({**spec, "per_file": 100}))
     with pytest.raises(UserError, match="differs in per_file"):
         simulate(data)
+    # A cache from before the time axis was aligned with the port's (no skip_steps in its spec).
+    (folder / "spec.json").write_text(json.dumps({key: value for key, value in spec.items() if key != "skip_steps"}))
+    with pytest.raises(UserError, match="differs in skip_steps"):
+        simulate(data)
 
 
 @pytest.mark.slow  # two processes: ~12 s (make test-all runs it)

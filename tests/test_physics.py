@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gwi.physics import acoustic
 from gwi.physics.acoustic import forward_model, ricker
@@ -67,6 +68,45 @@ def published_loop(v, nbc, steps, wavelet, source, receivers, dx=DX, dt=DT):
     return out
 
 
+def port_loop(vel, nbc, steps, wavelet, sources, rec_depth, dx=DX, dt=DT):
+    """The time indexing of the public OpenFWI port of the Kaggle 3rd-place team
+    (tascj/kaggle-waveform-inversion, fwi_modules/forward_modeling.py + generate_data.py),
+    transcribed in float64 torch: the wavelet array starts with a dummy zero (w[0] = 0, w[1:] the
+    Ricker), the loop runs `steps` steps (1001 there) it = 0..steps-1, each computing the update,
+    adding w[it] (v_src dt)^2 at every source, then recording the receiver row; the generator saves
+    seis[:, 1:]. All sources at once, conv2d on the circularly padded field as the port does.
+    vel (B, nz, nx) -> saved (B, S, steps - 1, nx)."""
+    B, nz, nx = vel.shape
+    v = F.pad(torch.as_tensor(vel, dtype=torch.float64)[:, None], (nbc,) * 4, mode="replicate")[:, 0]
+    a = (nbc - 1) * dx
+    kappa = 3.0 * v.amin((1, 2)) * np.log(1e7) / (2.0 * a)
+    ramp = kappa[:, None] * (torch.arange(nbc, dtype=torch.float64) * dx / a) ** 2
+    damp = torch.zeros_like(v)
+    damp[:, :, :nbc], damp[:, :, nbc + nx:] = ramp.flip(1)[:, None], ramp[:, None]
+    damp[:, :nbc, nbc:nbc + nx], damp[:, nbc + nz:, nbc:nbc + nx] = ramp.flip(1)[:, :, None], ramp[:, :, None]
+    alpha, kd = (v * dt / dx) ** 2, damp * dt
+    temp1, temp2 = (2 - 5 * alpha - kd)[:, None], (1 - kd)[:, None]
+    kernel = torch.zeros(1, 1, 5, 5, dtype=torch.float64)
+    kernel[0, 0, 2, [1, 3]] = kernel[0, 0, [1, 3], 2] = 4 / 3
+    kernel[0, 0, 2, [0, 4]] = kernel[0, 0, [0, 4], 2] = -1 / 12
+    w = torch.zeros(steps, dtype=torch.float64)
+    w[1:1 + len(wavelet)] = torch.as_tensor(wavelet[:steps - 1])  # the dummy leading zero
+    S = len(sources)
+    sx = torch.tensor([x for x, _ in sources]) + nbc
+    sz = torch.tensor([z for _, z in sources]) + nbc
+    beta = (v[:, sz, sx] * dt) ** 2  # (B, S)
+    p0 = torch.zeros(B, S, *v.shape[1:], dtype=torch.float64)
+    p1 = torch.zeros_like(p0)
+    seis = torch.zeros(B, S, steps, nx, dtype=torch.float64)
+    for it in range(steps):
+        lap = F.conv2d(F.pad(p1.reshape(B * S, 1, *v.shape[1:]), (2,) * 4, mode="circular"), kernel).reshape(p1.shape)
+        p = temp1 * p1 - temp2 * p0 + alpha[:, None] * lap
+        p[:, torch.arange(S), sz, sx] += beta * w[it]
+        seis[:, :, it] = p[:, :, rec_depth + nbc, nbc:nbc + nx]
+        p0, p1 = p1, p
+    return seis[:, :, 1:]
+
+
 # ---- the scheme itself ----------------------------------------------------------------------------------
 
 
@@ -91,6 +131,24 @@ def test_matches_the_published_loop():
             ours = forward_model(torch.tensor(v[None]), nbc=nbc, nt=nt, freq=25.0, sources=[src], receivers=receivers,
                                  skip_steps=skip, dtype=dtype)[0, 0].double().numpy()
             np.testing.assert_allclose(ours, ref[skip:skip + nt], rtol=0, atol=tol * np.abs(ref).max())
+
+
+def test_default_time_axis_is_the_ports():
+    """Our sample t is the public port's saved sample t (dummy leading zero in its wavelet, steps
+    + 1 steps, seis[:, 1:] saved), in float64 to rounding and in float32 to float32 rounding;
+    skip_steps=1, the old default, is one sample later: ours[t] = the port's [t + 1]."""
+    rng = np.random.default_rng(7)
+    v = np.stack([smooth_random_map(rng, 10, 12), smooth_random_map(rng, 10, 12, 1500, 4400)])
+    nbc, nt, sources = 5, 60, [(0, 1), (5, 1), (11, 1)]
+    port = port_loop(v, nbc, nt + 2, ricker(25.0, DT), sources, rec_depth=1).numpy()  # (B, S, nt + 1, R)
+    scale = np.abs(port).max()
+    kw = dict(nbc=nbc, nt=nt, freq=25.0, sources=sources)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        ours = forward_model(torch.tensor(v), dtype=dtype, **kw).double().numpy()
+        np.testing.assert_allclose(ours, port[:, :, :nt], rtol=0, atol=tol * scale)
+        old = forward_model(torch.tensor(v), dtype=dtype, skip_steps=1, **kw).double().numpy()
+        np.testing.assert_allclose(old, port[:, :, 1:], rtol=0, atol=tol * scale)
+        assert np.abs(old - port[:, :, :nt]).max() > 0.05 * scale  # the two alignments differ visibly
 
 
 def test_homogeneous_medium_matches_analytic_greens_function():

@@ -21,10 +21,15 @@ from its published description:
   at x cells 0, 17, 34, 52, 69 and depth cell 1; 70 receivers at depth cell 1, one per column; no
   free surface. (Positions are cells here; KAUST's code, which takes metres, moves a source or
   receiver at depth exactly 0 down one cell for its free-surface option; this one does not.)
-- OpenFWI ran T = 1001 steps and kept 1000 samples. Which one it dropped cannot be checked here
-  (its seismic is not on this machine); the default (`skip_steps=1`) drops the first, i.e. sample
-  k is the field after step k + 2 (1-based), as a public Kaggle re-implementation that was compared
-  with OpenFWI's files does. `skip_steps=0` keeps the first 1000 steps instead.
+- time axis: sample t (0-based) is the field after step t + 1 + skip_steps (1-based), the
+  wavelet's first sample injected at step 1; the default `skip_steps=0` runs nt = 1000 steps and
+  records every one. That is the saved output of the public OpenFWI port of the Kaggle 3rd-place
+  team (tascj/kaggle-waveform-inversion): its wavelet array starts with a dummy zero, it runs 1001
+  steps (the first adds that zero to a zero field), records after each step's injection and saves
+  `seis[:, 1:]`, so its saved sample t is the field after the step that injected wavelet sample t,
+  as ours is (a test transcribes its indexing). Its authors trained on that output mixed with the
+  real OpenFWI files. `skip_steps=1` is this module's earlier default (the run is one step longer
+  and the first step is not recorded): one sample later, ours[t] = the port's [t + 1].
 
 Arithmetic: float32 fields (the coefficients are computed in float64, then rounded), the update
 evaluated as fma(a3, S2, fma(a2, S1, fma(t1, p1, m2 p0))) with t1 = 2 - 5 alpha - kd, m2 = kd - 1,
@@ -69,12 +74,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gwi.layout import SENSOR_DEPTH, SOURCE_X, TIME_STEPS
-from gwi.physics import _ckernel
+from gwi.physics import _ckernel, triton_kernel
 
 # OpenFWI's geometry (gwi.layout) and settings.
 OPENFWI_SOURCES = tuple((x, SENSOR_DEPTH) for x in SOURCE_X)  # (x, z) cells
 RECEIVER_DEPTH = SENSOR_DEPTH  # cell; the default receivers are every column at this depth
-DEFAULTS = dict(dx=10.0, dt=1e-3, nt=TIME_STEPS, freq=15.0, nbc=120, skip_steps=1)
+DEFAULTS = dict(dx=10.0, dt=1e-3, nt=TIME_STEPS, freq=15.0, nbc=120, skip_steps=0)  # skip_steps: see "time axis"
 
 # Second-derivative coefficients of the 4th-order stencil (centre, distance 1, distance 2).
 C0, C1, C2 = -5.0 / 2.0, 4.0 / 3.0, -1.0 / 12.0
@@ -330,6 +335,15 @@ def _simulate_fast(co: _Coefficients, geom: Geometry, steps: int, skip: int, ski
     return out
 
 
+def _simulate_triton(co: _Coefficients, geom: Geometry, steps: int, skip: int, tiny: float) -> torch.Tensor:
+    """No-grad path on CUDA: the fused Triton kernel over the whole grid (no skipping: the GPU
+    updates every cell in the time the skipping's bookkeeping would take). Returns (nt, B*S, R)."""
+    _, _, H, W = co.t1.shape
+    srow, scol = geom.padded(geom.sources)
+    rrow, rcol = geom.padded(geom.receivers)
+    return triton_kernel.simulate(co.t1, co.m2, co.a2, co.a3, co.amp, srow * W + scol, rrow * W + rcol, steps, skip, tiny)
+
+
 def _steps_autograd(p0, p1, co: _Coefficients, amp, src_flat, rec_flat, first: int, last: int, skip: int, tiny: float):
     """Steps first..last (1-based, inclusive) out of place on the whole grid; returns p0, p1 and the
     records of the steps after `skip` (k, N, R)."""
@@ -419,8 +433,11 @@ def forward_model(
         this many steps in the backward pass instead of storing every field. skip_zeros,
         tighten_every: the exact skipping of the fast path (see the module's docstring).
         flush_below: |p| up to this becomes 0 after each step (0: never). backend: the fast
-        path's update, "c" (the fused C kernel, CPU float32), "torch", or "auto" (C where it
-        applies and compiles). threads: the C kernel's threads (default torch.get_num_threads()).
+        path's update, "c" (the fused C kernel, CPU float32), "triton" (the fused Triton kernel,
+        float32: CUDA tensors, or CPU tensors under Triton's interpreter, which is slow and only
+        for tests), "torch" (the reference torch ops), or "auto": C on the CPU and Triton on CUDA
+        where they apply and are available (GWI_PHYSICS_NO_C / GWI_PHYSICS_NO_TRITON turn them
+        off). threads: the C kernel's threads (default torch.get_num_threads()).
     """
     as_numpy = isinstance(vel, np.ndarray)
     v = torch.as_tensor(vel)
@@ -466,13 +483,19 @@ def forward_model(
     if tighten_every is None:
         tighten_every = TIGHTEN_EVERY if v.device.type == "cpu" else 0
     batch_size = int(batch_size or len(v))
-    if backend not in ("auto", "c", "torch"):
-        raise ValueError(f"backend must be auto, c or torch, got {backend!r}")
+    if backend not in ("auto", "c", "triton", "torch"):
+        raise ValueError(f"backend must be auto, c, triton or torch, got {backend!r}")
     c_applies = not grad and v.device.type == "cpu" and dtype == torch.float32
-    use_c = backend != "torch" and c_applies and _ckernel.available()
+    use_c = backend in ("auto", "c") and c_applies and _ckernel.available()
     if backend == "c" and not use_c:
         raise ValueError("backend='c': " + ("needs the no-grad path on the CPU in float32" if not c_applies
                                               else f"the C kernel is unavailable ({_ckernel.unavailable_reason()})"))
+    triton_applies = not grad and dtype == torch.float32 and (backend == "triton" or v.device.type == "cuda")
+    triton_missing = triton_kernel.unavailable_reason(v.device)
+    use_triton = backend in ("auto", "triton") and triton_applies and triton_missing is None
+    if backend == "triton" and not use_triton:
+        raise ValueError("backend='triton': " + ("needs the no-grad path in float32" if not triton_applies
+                                                   else f"the Triton kernel is unavailable ({triton_missing})"))
 
     outputs = []
     with torch.set_grad_enabled(grad):
@@ -481,6 +504,8 @@ def forward_model(
             co = _coefficients(chunk, geom, dx, dt, wavelet, steps, dtype)
             if grad:
                 rec = _simulate_autograd(co, geom, steps, skip_steps, checkpoint_steps, flush_below)
+            elif use_triton:
+                rec = _simulate_triton(co, geom, steps, skip_steps, flush_below)
             else:
                 rec = _simulate_fast(co, geom, steps, skip_steps, skip_zeros, tighten_every, flush_below, use_c, threads)
             # (nt, B*S, R) -> (B, S, nt, R)

@@ -1,0 +1,166 @@
+"""The CUDA fast path's fused update, in Triton: one kernel launch per time step does the whole
+update of every field of a batch (all sources of all samples), the damping, the flush of tiny
+values, the source injection, and the recording of the previous step's receivers; the time loop is
+captured once as a CUDA graph and replayed, so 1,000 launches cost one.
+
+The float operations and their order are those of the torch path and of the C kernel (see
+gwi/physics/acoustic.py, "Arithmetic"):
+    s1 = ((up1 + down1) + left1) + right1,  s2 likewise at distance 2,
+    p = fma(a3, s2, fma(a2, s1, fma(t1, p1, p0 * m2))),  |p| <= tiny -> 0,  p += amp at the source,
+the neighbours wrapping around the padded grid's edges (circshift). `tl.fma` is a fused
+multiply-add on the GPU, as torch's addcmul and the C kernel's fmaf are, and the kernel is
+compiled with `enable_fp_fusion=False` so that nothing else is fused: the GPU gives the C
+kernel's bits. Triton's interpreter (the kernel run on CPU tensors, for tests) evaluates
+`tl.fma(x, y, z)` as x * y + z in numpy float32, two roundings; a test gives it a correctly
+rounded fma and then checks the kernel against the torch path bit for bit.
+
+The fields are unpadded (N, H, W) buffers (N = batch x sources); the wrap is index arithmetic.
+Each program updates BLOCK consecutive cells of one field; programs of the same field cover it in
+row order, so the stencil's neighbour rows are mostly still in L1 / L2 when read. Per update the
+DRAM traffic is, in the limit: read p(t-1) and p(t-2), write p(t) (12 bytes), plus the 4
+coefficients (16 bytes) shared by the S fields of one sample (16 / S bytes when they stay in L2):
+15.2 bytes at S = 5, the model bench/forward.py's bandwidth bound uses (BYTES_PER_UPDATE).
+
+The receivers of step it are gathered by the launch of step it + 1 (which reads that field and
+does not write it: no race), and those of the last step by one torch gather after the loop.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # triton ships with torch's Linux wheels only; elsewhere the torch path is used
+    triton = None
+
+BLOCK = 1024  # cells per program
+FIELD_BYTES, COEFFICIENT_BYTES = 12, 16  # per update: p(t-2), p(t-1) read and p(t) written; t1, m2, a2, a3
+
+
+def bytes_per_update(sources: int) -> float:
+    """The bandwidth model above: 12 bytes of fields plus the coefficients shared by `sources` fields."""
+    return FIELD_BYTES + COEFFICIENT_BYTES / sources
+
+
+def _step(P_out, P_in, T1, M2, A2, A3, amp, src, rec, out, it, k, N, S, H, W, R, tiny,
+          FLUSH: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One step on every field: P_out (p(it-2) in, p(it) out) from P_in (p(it-1)), both (N, H, W);
+    coefficients (N / S, H, W); amp (steps, N); src (S,) and rec (R,) flat cell indices; out
+    (nt, N, R) receives P_in's receivers as row k when k >= 0."""
+    tile = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    HW = H * W
+    base = n * HW
+    cbase = (n // S) * HW
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < HW
+    i = offs // W
+    j = offs - i * W
+    up1 = tl.where(i >= 1, i - 1, i - 1 + H) * W + j
+    down1 = tl.where(i + 1 < H, i + 1, i + 1 - H) * W + j
+    left1 = i * W + tl.where(j >= 1, j - 1, j - 1 + W)
+    right1 = i * W + tl.where(j + 1 < W, j + 1, j + 1 - W)
+    up2 = tl.where(i >= 2, i - 2, i - 2 + H) * W + j
+    down2 = tl.where(i + 2 < H, i + 2, i + 2 - H) * W + j
+    left2 = i * W + tl.where(j >= 2, j - 2, j - 2 + W)
+    right2 = i * W + tl.where(j + 2 < W, j + 2, j + 2 - W)
+    pin = P_in + base
+    s1 = tl.load(pin + up1, mask=mask, other=0.0) + tl.load(pin + down1, mask=mask, other=0.0)
+    s1 = s1 + tl.load(pin + left1, mask=mask, other=0.0)
+    s1 = s1 + tl.load(pin + right1, mask=mask, other=0.0)
+    s2 = tl.load(pin + up2, mask=mask, other=0.0) + tl.load(pin + down2, mask=mask, other=0.0)
+    s2 = s2 + tl.load(pin + left2, mask=mask, other=0.0)
+    s2 = s2 + tl.load(pin + right2, mask=mask, other=0.0)
+    p1 = tl.load(pin + offs, mask=mask, other=0.0)
+    p0 = tl.load(P_out + base + offs, mask=mask, other=0.0)
+    x = p0 * tl.load(M2 + cbase + offs, mask=mask, other=0.0)
+    x = tl.fma(tl.load(T1 + cbase + offs, mask=mask, other=0.0), p1, x)
+    x = tl.fma(tl.load(A2 + cbase + offs, mask=mask, other=0.0), s1, x)
+    x = tl.fma(tl.load(A3 + cbase + offs, mask=mask, other=0.0), s2, x)
+    if FLUSH:
+        x = tl.where((x >= -tiny) & (x <= tiny), 0.0, x)  # torch.hardshrink
+    cell = tl.load(src + n % S)
+    x = tl.where(offs == cell, x + tl.load(amp + (it - 1) * N + n), x)
+    tl.store(P_out + base + offs, x, mask=mask)
+    if k >= 0:
+        if tile == 0:
+            r = tl.arange(0, BLOCK_R)
+            rmask = r < R
+            cells = tl.load(rec + r, mask=rmask, other=0)
+            tl.store(out + (k * N + n) * R + r, tl.load(pin + cells, mask=rmask, other=0.0), mask=rmask)
+
+
+# The same source, compiled for the GPU or run by the interpreter on CPU tensors. `it` and `k`
+# change every step: not specialised, so one compiled kernel serves every step (and the graph).
+_jit = triton.jit(_step, do_not_specialize=["it", "k"]) if triton is not None else None
+_interpreted = InterpretedFunction(_step) if triton is not None else None
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the kernel cannot run on `device` (None: it can). CPU tensors run it under Triton's
+    interpreter (slow: for tests)."""
+    if triton is None:
+        return "triton is not installed"
+    if os.environ.get("GWI_PHYSICS_NO_TRITON"):
+        return "disabled by GWI_PHYSICS_NO_TRITON"
+    if device.type not in ("cuda", "cpu"):
+        return f"no Triton kernel for {device.type} tensors"
+    return None
+
+
+def _use_graph(device: torch.device, cuda_graph: bool | None) -> bool:
+    if device.type != "cuda":
+        return False
+    if cuda_graph is None:
+        return os.environ.get("GWI_PHYSICS_CUDA_GRAPH", "1") != "0"
+    return cuda_graph
+
+
+def simulate(t1, m2, a2, a3, amp, src, rec, steps: int, skip: int, tiny: float,
+             cuda_graph: bool | None = None) -> torch.Tensor:
+    """Runs `steps` steps from zero fields. t1, m2, a2, a3: (B, 1, H, W) float32; amp (steps, B, S);
+    src (S,) and rec (R,): flat cell indices on the (H, W) grid. Returns the records of the steps
+    after `skip`, (steps - skip, B * S, R), as the torch path does. cuda_graph: capture the time
+    loop as one CUDA graph (default: on, unless GWI_PHYSICS_CUDA_GRAPH=0)."""
+    B, _, H, W = t1.shape
+    S, R = len(src), len(rec)
+    N, device = B * S, t1.device
+    coef = [x.reshape(B, H, W).contiguous() for x in (t1, m2, a2, a3)]
+    amp = amp.reshape(steps, N).contiguous()
+    src = torch.as_tensor(src, dtype=torch.int32, device=device)
+    rec = torch.as_tensor(rec, dtype=torch.int32, device=device)
+    P0 = torch.zeros(N, H, W, dtype=t1.dtype, device=device)
+    P1 = torch.zeros_like(P0)
+    out = torch.empty(steps - skip, N, R, dtype=t1.dtype, device=device)
+    kernel = _jit if device.type == "cuda" else _interpreted
+    grid = (triton.cdiv(H * W, BLOCK), N)
+    options = dict(FLUSH=bool(tiny), BLOCK=BLOCK, BLOCK_R=triton.next_power_of_2(R))
+    if device.type == "cuda":
+        options["enable_fp_fusion"] = False
+
+    def launch(it: int, P_out, P_in):
+        k = it - skip - 2  # P_in holds step it - 1
+        kernel[grid](P_out, P_in, *coef, amp, src, rec, out, it, k, N, S, H, W, R,
+                     float(tiny), **options)
+
+    # Step 1 runs eagerly (it compiles the kernel, which a graph capture cannot), the rest from
+    # step 2 on, in the graph or one launch at a time. The buffers swap roles every step.
+    launch(1, P0, P1)
+    pairs = [(P1, P0) if it % 2 == 0 else (P0, P1) for it in range(2, steps + 1)]
+    if _use_graph(device, cuda_graph) and steps > 1:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for it, (P_out, P_in) in enumerate(pairs, start=2):
+                launch(it, P_out, P_in)
+        graph.replay()
+    else:
+        for it, (P_out, P_in) in enumerate(pairs, start=2):
+            launch(it, P_out, P_in)
+    last = P1 if steps % 2 == 0 else P0
+    if steps > skip:
+        torch.index_select(last.view(N, H * W), 1, rec.long(), out=out[-1])
+    return out
