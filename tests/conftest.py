@@ -27,11 +27,13 @@ def run_entry(script: str, *args: str, env: dict | None = None, timeout: float =
                           capture_output=True, text=True, timeout=timeout)
 
 
-def accelerate_launch(nproc: int, script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def accelerate_launch(nproc: int, script: str, *args: str, timeout: float = 300, module: bool = False) -> subprocess.CompletedProcess:
+    """`accelerate launch` on CPU processes; module: `script` is a module name (accelerate launch -m)."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no"]
     launcher += ["--multi_gpu", "--num_processes", str(nproc)] if nproc > 1 else ["--cpu", "--num_processes", "1"]
-    return subprocess.run([*launcher, str(ROOT / script), *map(str, args)], cwd=ROOT,
+    target = ["-m", script] if module else [str(ROOT / script)]
+    return subprocess.run([*launcher, *target, *map(str, args)], cwd=ROOT,
                           env=clean_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=timeout)
 

@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gwi.layout import SENSOR_DEPTH, SOURCE_X, TIME_STEPS
-from gwi.physics import _ckernel, triton_kernel
+from gwi.physics import _ckernel, adjoint, triton_kernel
 
 # OpenFWI's geometry (gwi.layout) and settings.
 OPENFWI_SOURCES = tuple((x, SENSOR_DEPTH) for x in SOURCE_X)  # (x, z) cells
@@ -263,9 +263,12 @@ def _nonzero_box(q: torch.Tensor, box):
 
 
 def _simulate_fast(co: _Coefficients, geom: Geometry, steps: int, skip: int, skip_zeros: bool,
-                   tighten_every: int, tiny: float, use_c: bool, threads: int | None) -> torch.Tensor:
+                   tighten_every: int, tiny: float, use_c: bool, threads: int | None,
+                   keep: dict | None = None, keep_every: int = 0) -> torch.Tensor:
     """No-grad path: in-place updates on halo-padded buffers, by the C kernel or torch ops.
-    Returns the records (nt, B*S, R)."""
+    Returns the records (nt, B*S, R). With `keep`: keep[k] = (p(k-1), p(k)) copies, (B, S, H, W),
+    for k = keep_every, 2 keep_every, ... < steps (the adjoint's checkpoints; with the backward
+    skip, cells that cannot reach a receiver any more may be stale, and so cannot matter)."""
     B, _, H, W = co.t1.shape
     S, R = len(geom.sources), len(geom.receivers)
     N, device, dtype = B * S, co.t1.device, co.t1.dtype
@@ -332,6 +335,8 @@ def _simulate_fast(co: _Coefficients, geom: Geometry, steps: int, skip: int, ski
             new_box = _union(new_box, src_box)
         P0, P1 = P1, P0
         box0, box1 = box1, new_box
+        if keep is not None and it % keep_every == 0 and it < steps:
+            keep[it] = tuple(P[..., HALO:HALO + H, HALO:HALO + W].clone() for P in (P0, P1))
     return out
 
 
@@ -344,9 +349,11 @@ def _simulate_triton(co: _Coefficients, geom: Geometry, steps: int, skip: int, t
     return triton_kernel.simulate(co.t1, co.m2, co.a2, co.a3, co.amp, srow * W + scol, rrow * W + rcol, steps, skip, tiny)
 
 
-def _steps_autograd(p0, p1, co: _Coefficients, amp, src_flat, rec_flat, first: int, last: int, skip: int, tiny: float):
+def _steps_autograd(p0, p1, co: _Coefficients, amp, src_flat, rec_flat, first: int, last: int, skip: int, tiny: float,
+                    fields: list | None = None):
     """Steps first..last (1-based, inclusive) out of place on the whole grid; returns p0, p1 and the
-    records of the steps after `skip` (k, N, R)."""
+    records of the steps after `skip` (k, N, R). With `fields`: appends (the sources' cells before
+    the injection (N,), the new field) per step (the adjoint's recomputation)."""
     B, S, H, W = p0.shape
     records = []
     for it in range(first, last + 1):
@@ -357,6 +364,8 @@ def _steps_autograd(p0, p1, co: _Coefficients, amp, src_flat, rec_flat, first: i
         p = torch.addcmul(p, co.a3, s2)
         if tiny:
             p = torch.hardshrink(p, tiny)
+        if fields is not None:
+            fields.append((p.view(-1)[src_flat], p))
         p.view(-1).index_put_((src_flat,), amp[it - first], accumulate=True)  # p is fresh: in place is safe
         if it > skip:
             records.append(p.reshape(B * S, H * W)[:, rec_flat])
@@ -365,16 +374,24 @@ def _steps_autograd(p0, p1, co: _Coefficients, amp, src_flat, rec_flat, first: i
     return p0, p1, rec
 
 
+def _flat_cells(geom: Geometry, B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The source cell of each of the B x S fields as an index into the flattened (B, S, H, W)
+    fields, and the receivers' cells as indices into one (H, W) plane (no halo)."""
+    H, W = geom.shape
+    S = len(geom.sources)
+    srow, scol = geom.padded(geom.sources)
+    rrow, rcol = geom.padded(geom.receivers)
+    src_flat = torch.as_tensor(np.arange(B)[:, None] * S * H * W + np.arange(S) * H * W + srow * W + scol,
+                               device=device).reshape(-1)
+    return src_flat, torch.as_tensor(rrow * W + rcol, device=device)
+
+
 def _simulate_autograd(co: _Coefficients, geom: Geometry, steps: int, skip: int,
                        checkpoint_steps: int | None, tiny: float) -> torch.Tensor:
     B, _, H, W = co.t1.shape
     S = len(geom.sources)
     N = B * S
-    srow, scol = geom.padded(geom.sources)
-    rrow, rcol = geom.padded(geom.receivers)
-    src_flat = torch.as_tensor(np.arange(B)[:, None] * S * H * W + np.arange(S) * H * W + srow * W + scol,
-                               device=co.t1.device).reshape(-1)
-    rec_flat = torch.as_tensor(rrow * W + rcol, device=co.t1.device)
+    src_flat, rec_flat = _flat_cells(geom, B, co.t1.device)
     amp = co.amp.reshape(steps, N)
     p0 = co.t1.new_zeros(B, S, H, W)
     p1 = co.t1.new_zeros(B, S, H, W)
@@ -389,6 +406,32 @@ def _simulate_autograd(co: _Coefficients, geom: Geometry, steps: int, skip: int,
             p0, p1, rec = _steps_autograd(*args)
         records.append(rec)
     return torch.cat(records)
+
+
+def _simulate_adjoint(co: _Coefficients, geom: Geometry, steps: int, skip: int, checkpoint_steps: int | None,
+                      skip_zeros: bool, tighten_every: int, tiny: float, use_c: bool, threads: int | None) -> torch.Tensor:
+    """The fast path forward, the adjoint-state method backward (gwi.physics.adjoint): checkpoints
+    every `checkpoint_steps` steps (None: none; the backward recomputes all steps at once)."""
+    B, _, H, W = co.t1.shape
+    S = len(geom.sources)
+    src_flat, rec_flat = _flat_cells(geom, B, co.t1.device)
+    every = checkpoint_steps or steps
+
+    def forward(coefficients):
+        kept = {}
+        records = _simulate_fast(_Coefficients(*coefficients), geom, steps, skip, skip_zeros, tighten_every, tiny, use_c,
+                                 threads, keep=kept, keep_every=every)
+        return records, kept
+
+    def replay(coefficients, p0, p1, first, last):
+        c = _Coefficients(*coefficients)
+        fields = []
+        _steps_autograd(p0, p1, c, c.amp.reshape(steps, B * S)[first - 1:last], src_flat, rec_flat, first, last, steps,
+                        tiny, fields)
+        return fields
+
+    prop = adjoint.Propagation((B, S, H, W), steps, skip, tiny, every, src_flat, rec_flat, forward, replay)
+    return adjoint.propagate(prop, co.t1, co.m2, co.a2, co.a3, co.amp)
 
 
 # ---- public API ----------------------------------------------------------------------------------
@@ -410,6 +453,7 @@ def forward_model(
     batch_size: int | None = None,
     grad: bool | None = None,
     checkpoint_steps: int | None = None,
+    gradient: str = "autograd",
     skip_zeros: bool = True,
     tighten_every: int | None = None,
     flush_below: float = FLUSH_BELOW,
@@ -429,8 +473,12 @@ def forward_model(
         absorbing cells on every side. sources / receivers: sequences of (x, z) model cells;
         receivers default to every column at depth cell 1. batch_size: maps simulated together
         (default: all of them; smaller bounds memory). grad: autograd path (default: when `vel`
-        requires grad and grad mode is on); checkpoint_steps: on that path, recompute blocks of
-        this many steps in the backward pass instead of storing every field. skip_zeros,
+        requires grad and grad mode is on); gradient: how that path differentiates, "autograd"
+        (torch records every op) or "adjoint" (the fast path forward and the adjoint-state
+        method backward, gwi.physics.adjoint: the same gradient to float rounding, faster and
+        with far less memory); checkpoint_steps: on that path, recompute blocks of this many steps
+        in the backward pass instead of storing every field (adjoint: keep the fields every this
+        many steps; None: none, the backward recomputes every step at once). skip_zeros,
         tighten_every: the exact skipping of the fast path (see the module's docstring).
         flush_below: |p| up to this becomes 0 after each step (0: never). backend: the fast
         path's update, "c" (the fused C kernel, CPU float32), "triton" (the fused Triton kernel,
@@ -480,15 +528,17 @@ def forward_model(
         grad = torch.is_grad_enabled() and v.requires_grad
     if checkpoint_steps is not None and (int(checkpoint_steps) != checkpoint_steps or checkpoint_steps < 1):
         raise ValueError(f"checkpoint_steps must be a positive integer, got {checkpoint_steps}")
+    if gradient not in ("autograd", "adjoint"):
+        raise ValueError(f"gradient must be autograd or adjoint, got {gradient!r}")
     if tighten_every is None:
         tighten_every = TIGHTEN_EVERY if v.device.type == "cpu" else 0
     batch_size = int(batch_size or len(v))
     if backend not in ("auto", "c", "triton", "torch"):
         raise ValueError(f"backend must be auto, c, triton or torch, got {backend!r}")
-    c_applies = not grad and v.device.type == "cpu" and dtype == torch.float32
+    c_applies = (not grad or gradient == "adjoint") and v.device.type == "cpu" and dtype == torch.float32
     use_c = backend in ("auto", "c") and c_applies and _ckernel.available()
     if backend == "c" and not use_c:
-        raise ValueError("backend='c': " + ("needs the no-grad path on the CPU in float32" if not c_applies
+        raise ValueError("backend='c': " + ("needs the no-grad or adjoint path on the CPU in float32" if not c_applies
                                               else f"the C kernel is unavailable ({_ckernel.unavailable_reason()})"))
     triton_applies = not grad and dtype == torch.float32 and (backend == "triton" or v.device.type == "cuda")
     triton_missing = triton_kernel.unavailable_reason(v.device)
@@ -502,7 +552,10 @@ def forward_model(
         for start in range(0, len(v), batch_size):
             chunk = v[start:start + batch_size]
             co = _coefficients(chunk, geom, dx, dt, wavelet, steps, dtype)
-            if grad:
+            if grad and gradient == "adjoint":
+                rec = _simulate_adjoint(co, geom, steps, skip_steps, checkpoint_steps, skip_zeros, tighten_every,
+                                        flush_below, use_c, threads)
+            elif grad:
                 rec = _simulate_autograd(co, geom, steps, skip_steps, checkpoint_steps, flush_below)
             elif use_triton:
                 rec = _simulate_triton(co, geom, steps, skip_steps, flush_below)

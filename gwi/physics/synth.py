@@ -19,6 +19,15 @@ one smaller), K = 1, 2, ... the layout `gwi.layout` reads.
   file is written to a temporary name and renamed, so an interrupted run leaves no partial file.
   Run the same command again to finish it. The same shard writer (`is_written`, `simulate_shard`,
   `write_shard`) makes the simulated data source's cache (gwi/simulated.py).
+- Many processes, GPUs or machines: under a launcher that sets RANK and WORLD_SIZE (`accelerate
+  launch`, torchrun) each process takes every WORLD_SIZE-th shard of the run, starting at its
+  RANK, on cuda:LOCAL_RANK for `--device cuda`:
+      accelerate launch --multi_gpu --num_processes 8 -m gwi.physics.synth --family FlatVel_A --n 1000000 --out data/synth --device cuda
+  The shards are independent and each is written atomically, so the processes never talk to each
+  other (no process group, no barrier) and the files are the same bits as a one-process run's;
+  the split is by shard number, not by what is left to do, so processes started at different
+  times (or rerun after an interruption) agree on it, and a rerun finishes each rank's missing
+  shards. Several machines need one shared --out (or their folders merged afterwards).
 - Bad arguments or input files stop with a one-line message naming them, exit code 2.
 """
 from __future__ import annotations
@@ -226,25 +235,50 @@ def plan(args) -> tuple[dict, list[Shard]]:
     return job, shards
 
 
+def launcher_ranks() -> tuple[int, int, int, int]:
+    """(rank, world size, local rank, processes on this machine) from the launcher's environment
+    (torchrun and accelerate launch set RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); (0, 1, 0,
+    1) when run alone."""
+    values = {}
+    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", None), ("LOCAL_WORLD_SIZE", None)):
+        text = os.environ.get(name)
+        try:
+            values[name] = default if text is None or text == "" else int(text)
+        except ValueError:
+            raise UserError(f"environment variable {name}={text!r}: expected an integer") from None
+    rank, world = values["RANK"], values["WORLD_SIZE"]
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"environment variables RANK={rank}, WORLD_SIZE={world}: expected 0 <= RANK < WORLD_SIZE")
+    local_rank = rank if values["LOCAL_RANK"] is None else values["LOCAL_RANK"]
+    local_world = world if values["LOCAL_WORLD_SIZE"] is None else values["LOCAL_WORLD_SIZE"]
+    return rank, world, local_rank, max(1, local_world)
+
+
 def run(args) -> list[Shard]:
     """Simulate the shards not yet written; returns those it wrote."""
+    rank, world, local_rank, local_world = launcher_ranks()
     job, shards = plan(args)
+    if world > 1 and job["device"] == "cuda":
+        job["device"] = f"cuda:{local_rank}"  # one GPU per process
+    shards = shards[rank::world]  # by shard number: every process, started whenever, agrees on the split
     out = Path(job["out"])
     todo = [s for s in shards if not is_written(job_files(job, s), FOREIGN_FILE, regrow=True)]
     total = sum(s.count for s in todo)
-    print(f"{job['family']}: {len(shards) - len(todo)} of {len(shards)} shards already written; "
+    who = f" (process {rank} of {world}, {job['device']})" if world > 1 else ""
+    print(f"{job['family']}{who}: {len(shards) - len(todo)} of {len(shards)} shards already written; "
           f"simulating {total} samples into {out / job['family']}", file=sys.stderr)
     if not todo:
         return []
     workers = min(args.workers, len(todo))
-    with tqdm(total=total, unit="sample", desc=job["family"], file=sys.stderr) as bar:
+    cores = max(1, (os.cpu_count() or 1) // local_world)  # this process's share of the machine
+    with tqdm(total=total, unit="sample", desc=job["family"], file=sys.stderr, disable=rank != 0) as bar:
         if workers == 1:
-            torch.set_num_threads(max(1, args.threads or os.cpu_count()))
+            torch.set_num_threads(max(1, args.threads or cores))
             write_shards(job, todo, bar.update)
         else:
             ctx = mp.get_context("spawn")
             queue = ctx.Queue()
-            threads = args.threads or max(1, (os.cpu_count() or 1) // workers)
+            threads = args.threads or max(1, cores // workers)
             procs = [ctx.Process(target=_worker, args=(job, todo[w::workers], threads, queue)) for w in range(workers)]
             for p in procs:
                 p.start()
