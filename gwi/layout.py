@@ -200,7 +200,8 @@ def family_stats(pairs: list[FilePair]) -> dict[str, dict]:
 def npy_writer(path: Path, dtype, shape: tuple[int, ...]):
     """A .npy memory map to fill, which appears at `path` only once the block ends without an error
     (written under a temporary name, its header checked, then renamed): an earlier file at `path`
-    survives a failed run, and no half-written file ever carries the final name."""
+    survives a failed run, and no half-written file ever carries the final name. Temporaries an
+    interrupted earlier run left for the same path are removed once this one is in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -214,6 +215,8 @@ def npy_writer(path: Path, dtype, shape: tuple[int, ...]):
             raise OSError(f"{tmp}: wrote {written.shape} {written.dtype}, expected {tuple(shape)} {np.dtype(dtype)}")
         del written
         os.replace(tmp, path)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -108,7 +108,7 @@ def test_convert_writes_layout_and_manifest_resumes_and_refuses_overwrite(tmp_pa
     # an interrupted run: no manifest yet, one file missing, a stale temporary file
     (dst / MANIFEST).unlink()
     (dst / "FlatVel_A" / "data" / "data2.npy").unlink()
-    (dst / "FlatVel_A" / "data" / "data2.npy.tmp").write_bytes(b"partial")
+    (dst / "FlatVel_A" / "data" / ".data2.npy.4242.tmp").write_bytes(b"partial")
     assert convert(tree, dst)["files"] == manifest["files"]
     assert json.loads((dst / MANIFEST).read_text())["files"] == manifest["files"]
     assert not list(dst.rglob("*.tmp"))

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gwi.layout import MAP_SIZE, SOURCE_X, TIME_STEPS
+from gwi.layout import MAP_SIZE, SOURCE_X, TIME_STEPS, npy_writer
 from gwi.physics.acoustic import forward_model
 from gwi.physics.velocity import FAMILIES, generate
 from harness.errors import RUN_FAILED_EXIT, ArgumentParser, UserError, print_user_error
@@ -129,22 +129,14 @@ def simulate_shard(family: str, seed: int, shard: Shard, nt: int = TIME_STEPS, b
     return np.concatenate(parts), velocity
 
 
-def save_atomic(path: Path, array: np.ndarray) -> None:
-    """A temporary name, then a rename: an interrupted run never leaves a partial .npy."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
 def write_shard(files: list[ShardFile], arrays) -> None:
     """Each array into its file, in the file's dtype, atomically and in order, so a shard whose last
     file is there is complete."""
     if len(files) != len(arrays):
         raise ValueError(f"{len(arrays)} arrays for {len(files)} files")
     for file, array in zip(files, arrays):
-        save_atomic(file.path, np.asarray(array).astype(file.dtype, copy=False))
+        with npy_writer(file.path, file.dtype, np.shape(array)) as target:
+            target[...] = array
 
 
 def job_files(job: dict, shard: Shard) -> list[ShardFile]:
