@@ -109,6 +109,15 @@ def test_timm_models_load_pretrained_weights_from_a_local_file_only(tmp_path):
         create_model("timm:test_resnet", width=32)
 
 
+def test_a_model_rebuilt_from_a_checkpoint_does_not_read_its_pretrained_file(tmp_path):
+    # As inference rebuilds it: the checkpoint holds the trained weights, the file may be elsewhere.
+    cfg = load_config(SMOKE_CNN, ["model.name=timm:test_resnet", "model.width=null", f"model.pretrained_path={tmp_path / 'gone.pth'}"])
+    task = get_task("cnn", cfg)
+    with pytest.raises(UserError, match="gone.pth.*no such file"):
+        task.build_model(cfg)
+    assert task.build_model(cfg, from_checkpoint=True).eval()(torch.rand(2, 3, 16, 16)).shape == (2, 4)
+
+
 def test_parameter_table_is_printed_and_written_once_per_run(tmp_path, capsys):
     cfg = load_config(SMOKE_CNN, [f"output_dir={tmp_path}", "model.name=resnet9", "model.width=8"])
     task = get_task("cnn", cfg)

@@ -131,6 +131,15 @@ def test_pretrained_path_loads_a_saved_encoder_through_the_config(name, tmp_path
     assert_same_tensors(model.encoder.state_dict(), saved)
 
 
+def test_a_model_rebuilt_from_a_checkpoint_does_not_read_its_pretrained_file(tmp_path):
+    # As inference rebuilds it: the checkpoint holds the trained weights, the file may be elsewhere.
+    cfg = types.SimpleNamespace(data=GwiData(time_steps=72), model=GwiModel(name="unet", pretrained_path=str(tmp_path / "gone.pth"), **SMALL))
+    with pytest.raises(UserError, match="gone.pth: no such file"):
+        GwiTask(cfg).build_model(cfg)
+    model = GwiTask(cfg).build_model(cfg, from_checkpoint=True).eval()
+    assert model(torch.randn(1, 5, 1000, 70)).shape == (1, 1, 70, 70)
+
+
 def test_pretrained_path_loads_whole_classification_models(tmp_path):
     """Published ImageNet files: classifier heads are ignored, 3-channel first convolutions are
     adapted to the 5 sources, a replaced stem is skipped, and .pth files work like .safetensors."""
