@@ -16,6 +16,7 @@ from conftest import ROOT, SMOKE_CNN, accelerate_launch, clean_env, read_metrics
 from harness import checkpoint as ckpt
 from harness.config import load_config
 from harness.loop import train
+from harness.tracking import with_offline_fallback
 
 
 def test_overfits_one_batch(tmp_path):
@@ -50,6 +51,23 @@ def test_writes_run_directory_and_wandb_offline_log(tmp_path):
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
+
+
+def test_an_online_wandb_start_that_fails_is_retried_offline_once(capsys):
+    # The one fallback training (start_wandb) and cnn.analyze share; `start` stands for their wandb start.
+    tried = []
+
+    def start(mode):
+        tried.append(mode)
+        if mode == "online":
+            raise ConnectionError("cannot reach api.wandb.ai")
+        return f"run ({mode})"
+
+    assert with_offline_fallback("online", start) == "run (offline)" and tried == ["online", "offline"]
+    assert capsys.readouterr().err == "W&B: online start failed (cannot reach api.wandb.ai); logging offline instead\n"
+    with pytest.raises(ConnectionError):  # an offline start that fails is a real error: no second try
+        with_offline_fallback("offline", lambda mode: start("online"))
+    assert with_offline_fallback("online", lambda mode: f"run ({mode})") == "run (online)"
 
 
 def test_sigterm_then_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
