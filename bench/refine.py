@@ -2,13 +2,14 @@
 with the adjoint-state gradient against torch's autograd through the simulation.
 
 Each gradient runs in a fresh process (so each peak RSS is its own): `--steps` refinement steps of
-`--maps` maps after one untimed warm-up step, seconds per map and step, and the peak RSS.
+`--maps` maps after one untimed warm-up step; per map and step the wall seconds and the process's
+CPU seconds (on a busy machine the fairer figure for one thread), and the peak RSS.
 
     python bench/refine.py [--size small|full] [--maps 1] [--steps 2] [--device cpu]
 
 small: the tests' problem (24 x 24 maps, 3 sources, 320 steps, 8 absorbing cells); full:
-OpenFWI's (70 x 70, 5 sources, 1001 steps, 120 cells; a CurveFault_A map). The last line is
-`speedup=<autograd s per map-step / adjoint's>`.
+OpenFWI's (70 x 70, 5 sources, 1001 steps, 120 cells; a CurveFault_A map). The last lines are
+`cpu_speedup=` and `speedup=<autograd wall s per map-step / adjoint's>`.
 """
 from __future__ import annotations
 
@@ -50,12 +51,14 @@ def measure(args) -> dict:
     refine(start, observed, 1, **kw)  # warm-up (builds the C kernel)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     refine(start, observed, args.steps, **kw)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t) / (args.steps * args.maps)
-    return dict(gradient=args.gradient, s_per_map_step=seconds, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    per = args.steps * args.maps
+    return dict(gradient=args.gradient, s_per_map_step=(time.perf_counter() - t) / per,
+                cpu_s_per_map_step=(time.process_time() - cpu) / per,
+                peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def main() -> None:
@@ -75,8 +78,10 @@ def main() -> None:
                                text=True, check=True)
         results[gradient] = json.loads(child.stdout.strip().splitlines()[-1])
         r = results[gradient]
-        print(f"{gradient:9s} {r['s_per_map_step']:.3f} s per map-step, peak RSS {r['peak_rss_mib']:.0f} MiB "
+        print(f"{gradient:9s} {r['s_per_map_step']:.3f} s per map-step (CPU {r['cpu_s_per_map_step']:.3f} s), "
+              f"peak RSS {r['peak_rss_mib']:.0f} MiB "
               f"({args.size}, {args.maps} map(s), torch threads {torch.get_num_threads()}, {args.device})")
+    print(f"cpu_speedup={results['autograd']['cpu_s_per_map_step'] / results['adjoint']['cpu_s_per_map_step']:.2f}")
     print(f"speedup={results['autograd']['s_per_map_step'] / results['adjoint']['s_per_map_step']:.2f}")
 
 

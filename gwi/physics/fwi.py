@@ -36,10 +36,12 @@ map scaled to [0, 1], and projects x back onto [0, 1] (clamps it) after every st
   a fixed step can overshoot or, far from the truth, skip a cycle; then the sample keeps its best
   map, never one worse (in J) than the network's prediction.
 Samples are independent: J is summed over the batch, so each map receives only its own gradient
-(Adam is elementwise), and `batch_size` only bounds memory. The gradient runs through the
-simulator's autograd path with `checkpoint_steps` (default K ~ sqrt(T), T the time steps: ~2 T / K
-block-boundary fields plus ~4 K inside the block being recomputed, instead of ~4 T; one extra
-forward in the backward pass).
+(Adam is elementwise), and `batch_size` only bounds memory. The gradient is the adjoint-state
+method's (gwi.physics.adjoint; `gradient="autograd"` differentiates the simulation with torch's
+autograd instead, the same gradient to float rounding): the fast forward keeps two fields every
+`checkpoint_steps` = K steps (default K ~ sqrt(T), T the time steps), the backward pass recomputes
+one block at a time and propagates the residual back in time: ~2 T / K + K + 10 fields per map
+instead of ~4 T (autograd: ~2 T / K + ~4 K), one extra forward.
 
 What it buys (measured on simulated data; figures in the README): with a TV weight, refinement
 lowers both the misfit and the MAE; without TV the misfit falls as far but the MAE rises: the data
