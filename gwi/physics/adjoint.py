@@ -21,23 +21,27 @@ coefficients vary by cell, so the adjoint applies them before the sums, the forw
 coefficient gradients are summed over the sources; autograd then carries them through
 `acoustic._coefficients` to the velocity: alpha = (v dt / dx)^2, the damping's dependence on vmin
 and the source amplitude (v_src dt)^2, exactly as on the autograd path, so the two gradients agree
-to float rounding (summation order; a test checks 1e-5 in float32, 1e-10 in float64).
+to float rounding (summation order): 1e-12 relative in float64; in float32 both are ~1.5e-5 off the
+float64 gradient over a few hundred steps, and so ~2e-5 off each other (tests check both).
 
 The flush: it is what autograd differentiates too (hardshrink's derivative is the mask above), so
 the adjoint is the exact derivative of the flushed scheme, which is smooth except where some
-|u_j| crosses tiny. Against the unflushed scheme it leaves out the sensitivity of cells holding
-|u| <= tiny = 1e-30, i.e. of the numerical precursor ahead of the wavefront, whose values and
-derivatives are of that size: a relative effect below 1e-20 on any gradient of recorded data
-(itself of order 1e-6 .. 1), far below float32 (and float64) resolution. The mask is the
-flushed field's nonzero pattern (flush(u) != 0 exactly when |u| > tiny); at the source cells the
-value before the injection is kept for it.
+|u_j| crosses tiny (a jump of at most tiny in one cell). Against the unflushed scheme it leaves out
+the terms lambda_j du_j/dv of the cells holding |u_j| <= tiny = 1e-30, the numerical precursor
+ahead of the wavefront; a precursor value is a product of the coefficients over the steps it
+travelled, so its derivative is at most ~T |u_j| / v: all such terms together are below ~1e-30 x T
+x cells x max|lambda| / v, some 1e-18 of the gradient's own scale, far below float32 (and float64)
+resolution; the float64 finite-difference test sees no difference at 1e-6. The mask is the flushed
+field's nonzero pattern (flush(u) != 0 exactly when |u| > tiny); at the source cells the value
+before the injection is kept for it.
 
 Memory: the forward keeps the two fields (p_{k-1}, p_k) every `every` steps (2 T / every fields of
 N cells); the backward recomputes one segment at a time (every + 2 fields) and holds the adjoint's
 two fields, its scratch and four gradient accumulators (~10 fields). every = sqrt(2 T) minimises
 the total (~2.8 sqrt(T) + 10 fields: ~100 at OpenFWI's 1001 steps, against ~4 T = 4000 for
-storing every step through autograd). Cost: one forward with the fast path, one recomputation with
-the torch ops and the adjoint sweep, whatever `every`.
+storing every step through autograd). Cost: one forward with the fast path, one recomputation and
+the adjoint sweep, whatever `every`. On the CPU in float32 the recomputation runs the fused C
+update and each sweep step is one fused C pass (`_ckernel`); elsewhere (CUDA, float64) torch ops.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from gwi.physics import _ckernel
 
@@ -81,6 +86,7 @@ class _AdjointPropagation(torch.autograd.Function):
         return records
 
     @staticmethod
+    @once_differentiable  # no second derivatives: the sweep is not itself differentiated
     def backward(ctx, grad_records):
         prop = ctx.prop
         t1, m2, a2, a3, amp, *fields = ctx.saved_tensors
