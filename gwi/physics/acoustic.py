@@ -61,7 +61,9 @@ The autograd path (used when `vel` requires grad and grad mode is on) updates th
 the same float operations in the same order, out of place, so it returns the same numbers (a test
 checks that too); `checkpoint_steps=K` recomputes blocks of K steps in the backward pass
 (torch.utils.checkpoint) instead of storing every step's field: memory ~ (T / K + K) fields
-instead of T.
+instead of T. `gradient="adjoint"` differentiates by the adjoint-state method instead
+(gwi.physics.adjoint): the fast path forward, keeping two fields every K steps, and a
+time-reversed sweep; the same gradient to float rounding (what `fwi.refine` uses).
 """
 from __future__ import annotations
 
