@@ -123,10 +123,9 @@ def read_submission(path: Path) -> tuple[list[str], np.ndarray]:
 # ---- physics: misfit and refinement -------------------------------------------------------------------
 
 
-# Maps refined together unless --physics-batch-size says otherwise. The gradient's autograd path
-# keeps ~4 fields of 5 x 310 x 310 per time step of the block being recomputed plus the blocks'
-# boundaries: ~0.5 GB per map live, but ~4 GB of RSS per map on a CPU (the allocator's share), where
-# batching gains nothing anyway (the threads already share each map's grid). A GPU wants batches.
+# Maps refined together unless --physics-batch-size says otherwise. The adjoint-state gradient
+# keeps ~100 fields of 5 x 310 x 310 per map (~0.2 GB; gwi.physics.adjoint); on a CPU batching
+# gains nothing (the threads already share each map's grid). A GPU wants batches.
 REFINE_BATCH_CPU, REFINE_BATCH_CUDA = 1, 16
 
 

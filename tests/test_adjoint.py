@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from gwi.physics import acoustic
 from gwi.physics.acoustic import forward_model
 from test_physics import smooth_random_map
 
@@ -64,9 +65,9 @@ def test_float64_gradient_equals_autograd_and_finite_differences():
     assert abs(fd - float((adjoint * direction).sum())) <= 1e-6 * abs(fd)
 
 
-@pytest.mark.parametrize("checkpoint_steps", [None, 50])
-def test_float32_gradient_equals_autograd(checkpoint_steps):
-    """float32, the C kernel (or torch ops) forward with both exact skips, waves wrapping around a
+@pytest.mark.parametrize("checkpoint_steps, backend", [(None, "auto"), (50, "auto"), (50, "torch")])
+def test_float32_gradient_equals_autograd(checkpoint_steps, backend):
+    """float32, the C kernels (or the torch ops) forward, recomputation and sweep, both exact skips, waves wrapping around a
     small grid, sources inside the map, receivers on a sparse line: the records are the no-grad
     path's bits; the gradient is as close to the float64 gradient as autograd's own: both are
     1.6e-5 off it (the float32 noise of 300 steps; 1.2e-5 at 120), so they agree to ~2e-5, not to
@@ -77,11 +78,26 @@ def test_float32_gradient_equals_autograd(checkpoint_steps):
     kw = dict(nbc=8, nt=300, sources=[(0, 1), (20, 3)], receivers=[(x, 2) for x in range(0, 32, 3)], skip_steps=2)
     weights = torch.tensor(rng.standard_normal((2, 2, 300, 11)))
     _, reference = gradient(v, weights, gradient="autograd", **kw)
-    seismic, adjoint = gradient(v, weights, gradient="adjoint", checkpoint_steps=checkpoint_steps, **kw)
+    seismic, adjoint = gradient(v, weights, gradient="adjoint", checkpoint_steps=checkpoint_steps, backend=backend, **kw)
     assert seismic.dtype == torch.float32 and torch.equal(seismic, forward_model(v, **kw))
     _, exact = gradient(v, weights, gradient="autograd", dtype=torch.float64, **kw)
     assert relative(adjoint, reference) < 3e-5
     assert relative(adjoint, exact) < 1.5 * relative(reference, exact)
+
+
+def test_c_sweep_with_a_flush_that_matters_and_threads(monkeypatch):
+    """float32 on the CPU: the C sweep in several threads' row bands, with a flush that zeroes many
+    cells (their mask enters the gradient), equals autograd's gradient to float32 rounding."""
+    if not acoustic._ckernel.available():
+        pytest.skip(f"C kernel unavailable: {acoustic._ckernel.unavailable_reason()}")
+    monkeypatch.setattr(acoustic._ckernel, "MIN_CELLS_PER_THREAD", 50)
+    rng = np.random.default_rng(8)
+    v = torch.tensor(smooth_random_map(rng, 8, 9, 1900, 2600, smooth=1)[None], dtype=torch.float32).double()
+    weights = torch.tensor(rng.standard_normal((1, 2, 40, 9)))
+    kw = dict(nbc=4, nt=40, sources=[(1, 1), (7, 2)], flush_below=0.3, wavelet=0.1 * rng.standard_normal(30), threads=3)
+    _, reference = gradient(v, weights, gradient="autograd", **kw)
+    _, adjoint = gradient(v, weights, gradient="adjoint", checkpoint_steps=7, **kw)
+    assert relative(adjoint, reference) < 1e-5
 
 
 def test_checkpoints_bound_the_stored_fields():

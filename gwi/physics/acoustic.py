@@ -61,7 +61,9 @@ The autograd path (used when `vel` requires grad and grad mode is on) updates th
 the same float operations in the same order, out of place, so it returns the same numbers (a test
 checks that too); `checkpoint_steps=K` recomputes blocks of K steps in the backward pass
 (torch.utils.checkpoint) instead of storing every step's field: memory ~ (T / K + K) fields
-instead of T.
+instead of T. `gradient="adjoint"` differentiates by the adjoint-state method instead
+(gwi.physics.adjoint): the fast path forward, keeping two fields every K steps, and a
+time-reversed sweep; the same gradient to float rounding (what `fwi.refine` uses).
 """
 from __future__ import annotations
 
@@ -411,9 +413,11 @@ def _simulate_autograd(co: _Coefficients, geom: Geometry, steps: int, skip: int,
 def _simulate_adjoint(co: _Coefficients, geom: Geometry, steps: int, skip: int, checkpoint_steps: int | None,
                       skip_zeros: bool, tighten_every: int, tiny: float, use_c: bool, threads: int | None) -> torch.Tensor:
     """The fast path forward, the adjoint-state method backward (gwi.physics.adjoint): checkpoints
-    every `checkpoint_steps` steps (None: none; the backward recomputes all steps at once)."""
+    every `checkpoint_steps` steps (None: none; the backward recomputes all steps at once). The
+    backward recomputes the fields with the C kernel (use_c) or the autograd path's torch ops."""
     B, _, H, W = co.t1.shape
     S = len(geom.sources)
+    N = B * S
     src_flat, rec_flat = _flat_cells(geom, B, co.t1.device)
     every = checkpoint_steps or steps
 
@@ -425,12 +429,31 @@ def _simulate_adjoint(co: _Coefficients, geom: Geometry, steps: int, skip: int, 
 
     def replay(coefficients, p0, p1, first, last):
         c = _Coefficients(*coefficients)
-        fields = []
-        _steps_autograd(p0, p1, c, c.amp.reshape(steps, B * S)[first - 1:last], src_flat, rec_flat, first, last, steps,
-                        tiny, fields)
-        return fields
+        amp = c.amp.reshape(steps, N)
+        if not use_c:
+            fields = []
+            _steps_autograd(p0, p1, c, amp[first - 1:last], src_flat, rec_flat, first, last, steps, tiny, fields)
+            return [p0, p1] + [p for _, p in fields], [u for u, _ in fields]
+        # The C kernel on halo-padded copies, the whole grid (the fast path's in-place buffers hold two fields).
+        padded = []
+        for p in (p0, p1):
+            P = p.new_zeros(B, S, H + 2 * HALO, W + 2 * HALO)
+            P[..., HALO:HALO + H, HALO:HALO + W] = p
+            padded.append(P)
+        plane = padded[0][0, 0].numel()
+        n = src_flat // (H * W)
+        src_padded = n * plane + (src_flat % (H * W) // W + HALO) * (W + 2 * HALO) + src_flat % W + HALO
+        before = []
+        for it in range(first, last + 1):
+            P, P1 = padded[-2].clone(), padded[-1]
+            _wrap_halo_(P1)
+            _ckernel.Stepper(P, P1, c.t1, c.m2, c.a2, c.a3, tiny, threads).step(P, P1, (0, H, 0, W))
+            before.append(P.view(-1)[src_padded])
+            P.view(-1).index_put_((src_padded,), amp[it - 1], accumulate=True)
+            padded.append(P)
+        return [P[..., HALO:HALO + H, HALO:HALO + W] for P in padded], before
 
-    prop = adjoint.Propagation((B, S, H, W), steps, skip, tiny, every, src_flat, rec_flat, forward, replay)
+    prop = adjoint.Propagation((B, S, H, W), steps, skip, tiny, every, src_flat, rec_flat, forward, replay, use_c, threads)
     return adjoint.propagate(prop, co.t1, co.m2, co.a2, co.a3, co.amp)
 
 

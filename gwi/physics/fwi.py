@@ -36,10 +36,12 @@ map scaled to [0, 1], and projects x back onto [0, 1] (clamps it) after every st
   a fixed step can overshoot or, far from the truth, skip a cycle; then the sample keeps its best
   map, never one worse (in J) than the network's prediction.
 Samples are independent: J is summed over the batch, so each map receives only its own gradient
-(Adam is elementwise), and `batch_size` only bounds memory. The gradient runs through the
-simulator's autograd path with `checkpoint_steps` (default K ~ sqrt(T), T the time steps: ~2 T / K
-block-boundary fields plus ~4 K inside the block being recomputed, instead of ~4 T; one extra
-forward in the backward pass).
+(Adam is elementwise), and `batch_size` only bounds memory. The gradient is the adjoint-state
+method's (gwi.physics.adjoint; `gradient="autograd"` differentiates the simulation with torch's
+autograd instead, the same gradient to float rounding): the fast forward keeps two fields every
+`checkpoint_steps` = K steps (default K ~ sqrt(T), T the time steps), the backward pass recomputes
+one block at a time and propagates the residual back in time: ~2 T / K + K + 10 fields per map
+instead of ~4 T (autograd: ~2 T / K + ~4 K), one extra forward.
 
 What it buys (measured on simulated data; figures in the README): with a TV weight, refinement
 lowers both the misfit and the MAE; without TV the misfit falls as far but the MAE rises: the data
@@ -151,16 +153,17 @@ def seismic_misfit(velocity, observed, *, batch_size: int | None = None, device=
 
 
 def refine(velocity, observed, steps: int, *, tv_weight: float = 0.0, lr: float = DEFAULT_LR, keep_best: bool = True,
-           batch_size: int | None = None, checkpoint_steps="auto", device=None, progress=False, **simulator):
+           batch_size: int | None = None, checkpoint_steps="auto", gradient: str = "adjoint", device=None, progress=False,
+           **simulator):
     """`steps` Adam steps of full-waveform inversion from the maps `velocity` ((B, nz, nx) or
     (B, 1, nz, nx), m/s) towards the observed seismic (B, S, nt, R): minimises misfit + tv_weight * TV
     within [1500, 4500] m/s (module docstring). Returns the refined maps, float32, in the input's
     shape and on its device (numpy for numpy).
 
-    batch_size: maps refined together (default all). At OpenFWI's size with the default
-    checkpointing a map holds ~0.5 GB of live tensors, but took ~4 GB of RSS on a CPU (the
-    allocator's share). checkpoint_steps: "auto" (~sqrt(time steps)), an int, or None (store every
-    step: fastest, ~4 T fields of memory). keep_best: return each map's best iterate (module
+    batch_size: maps refined together (default all). gradient: "adjoint" (the adjoint-state
+    method, gwi.physics.adjoint) or "autograd" (torch records the simulation; the same gradient to
+    float rounding, slower, more memory). checkpoint_steps: "auto" (~sqrt(time steps)), an int, or
+    None: the fields kept for the backward pass (module docstring). keep_best: return each map's best iterate (module
     docstring), else the last. device: default CUDA when available. progress: True for a bar, or a
     tqdm bar to advance (by maps x steps). Simulator options go to `forward_model`.
     """
@@ -183,7 +186,7 @@ def refine(velocity, observed, steps: int, *, tv_weight: float = 0.0, lr: float 
     with torch.autocast(device.type, enabled=False):  # float32 physics even inside the caller's autocast
         for start in range(0, len(maps), batch_size):
             chunk = _refine_chunk(maps[start:start + batch_size].to(device), observed[start:start + batch_size].to(device),
-                                  int(steps), tv_weight, lr, keep_best, checkpoint_steps, simulator, bar)
+                                  int(steps), tv_weight, lr, keep_best, checkpoint_steps, gradient, simulator, bar)
             refined.append(chunk.to(maps.device))
     if progress is True:
         bar.close()
@@ -191,7 +194,7 @@ def refine(velocity, observed, steps: int, *, tv_weight: float = 0.0, lr: float 
     return out.numpy() if as_numpy else out
 
 
-def _refine_chunk(maps, observed, steps, tv_weight, lr, keep_best, checkpoint_steps, simulator, bar) -> torch.Tensor:
+def _refine_chunk(maps, observed, steps, tv_weight, lr, keep_best, checkpoint_steps, gradient, simulator, bar) -> torch.Tensor:
     start = maps.clamp(VELOCITY_MIN, VELOCITY_MAX)  # the projection holds from the first iterate on
     if steps == 0:
         return start
@@ -204,7 +207,8 @@ def _refine_chunk(maps, observed, steps, tv_weight, lr, keep_best, checkpoint_st
         last = step == steps
         with torch.set_grad_enabled(not last):
             velocity = VELOCITY_MIN + (VELOCITY_MAX - VELOCITY_MIN) * x
-            simulated = forward_model(velocity, grad=not last, checkpoint_steps=None if last else checkpoint_steps, **simulator)
+            simulated = forward_model(velocity, grad=not last, checkpoint_steps=None if last else checkpoint_steps,
+                                      gradient=gradient, **simulator)
             objective = _misfit(simulated, observed)
             if tv_weight:
                 objective = objective + tv_weight * total_variation(velocity)

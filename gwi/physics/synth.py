@@ -247,7 +247,8 @@ def launcher_ranks() -> tuple[int, int, int, int]:
 
 
 def run(args) -> list[Shard]:
-    """Simulate the shards not yet written; returns those it wrote."""
+    """Simulate the shards not yet written (this process's share under a launcher); returns those
+    it wrote."""
     rank, world, local_rank, local_world = launcher_ranks()
     job, shards = plan(args)
     if world > 1 and job["device"] == "cuda":
