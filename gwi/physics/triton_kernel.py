@@ -15,8 +15,10 @@ kernel's bits. Triton's interpreter (the kernel run on CPU tensors, for tests) e
 rounded fma and then checks the kernel against the torch path bit for bit.
 
 The fields are unpadded (N, H, W) buffers (N = batch x sources); the wrap is index arithmetic.
-Each program updates BLOCK consecutive cells of one field; programs of the same field cover it in
-row order, so the stencil's neighbour rows are mostly still in L1 / L2 when read. Per update the
+Each program updates BLOCK consecutive cells of one field; the fields vary fastest in launch
+order, so the S fields of one sample, which share its coefficients, run side by side and read
+them from L2, and a tile's neighbour rows (in the tiles before and after it, read a wave of N
+programs later) stay in L2 while N x BLOCK cells fit there (10 MB at batch 512). Per update the
 DRAM traffic is, in the limit: read p(t-1) and p(t-2), write p(t) (12 bytes), plus the 4
 coefficients (16 bytes) shared by the S fields of one sample (16 / S bytes when they stay in L2):
 15.2 bytes at S = 5, the model bench/forward.py's bandwidth bound uses (BYTES_PER_UPDATE).
@@ -51,8 +53,8 @@ def _step(P_out, P_in, T1, M2, A2, A3, amp, src, rec, out, it, k, N, S, H, W, R,
     """One step on every field: P_out (p(it-2) in, p(it) out) from P_in (p(it-1)), both (N, H, W);
     coefficients (N / S, H, W); amp (steps, N); src (S,) and rec (R,) flat cell indices; out
     (nt, N, R) receives P_in's receivers as row k when k >= 0."""
-    tile = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
     HW = H * W
     base = n * HW
     cbase = (n // S) * HW
@@ -137,7 +139,7 @@ def simulate(t1, m2, a2, a3, amp, src, rec, steps: int, skip: int, tiny: float,
     P1 = torch.zeros_like(P0)
     out = torch.empty(steps - skip, N, R, dtype=t1.dtype, device=device)
     kernel = _jit if device.type == "cuda" else _interpreted
-    grid = (triton.cdiv(H * W, BLOCK), N)
+    grid = (N, triton.cdiv(H * W, BLOCK))  # fields first: CUDA allows 65,535 programs on axis 1 only
     options = dict(FLUSH=bool(tiny), BLOCK=BLOCK, BLOCK_R=triton.next_power_of_2(R))
     if device.type == "cuda":
         options["enable_fp_fusion"] = False
