@@ -14,11 +14,13 @@ kernel's bits. Triton's interpreter (the kernel run on CPU tensors, for tests) e
 `tl.fma(x, y, z)` as x * y + z in numpy float32, two roundings; a test gives it a correctly
 rounded fma and then checks the kernel against the torch path bit for bit.
 
-The fields are unpadded (N, H, W) buffers (N = batch x sources); the wrap is index arithmetic.
-Each program updates BLOCK consecutive cells of one field; the fields vary fastest in launch
-order, so the S fields of one sample, which share its coefficients, run side by side and read
-them from L2, and a tile's neighbour rows (in the tiles before and after it, read a wave of N
-programs later) stay in L2 while N x BLOCK cells fit there (10 MB at batch 512). Per update the
+The fields are unpadded (N, H, W) buffers (N = batch x sources); the wrap is index arithmetic
+on a tile's rows and columns (a select per row and per column, not per cell, and no division).
+Each program updates a BH x BW tile of one field; the fields vary fastest in launch order, so
+the S fields of one sample, which share its coefficients, run side by side and read them from L2,
+and a tile's 2-cell border, read again by the neighbouring tiles a wave of N programs later,
+stays in L2 while one row of tiles of every field fits there (N x 16 rows x 310 cells x 4 bytes:
+10 MB at batch 512, against 50-60 MB of L2 on an H100 / H200). Per update the
 DRAM traffic is, in the limit: read p(t-1) and p(t-2), write p(t) (12 bytes), plus the 4
 coefficients (16 bytes) shared by the S fields of one sample (16 / S bytes when they stay in L2):
 15.2 bytes at S = 5, the model bench/forward.py's bandwidth bound uses (BYTES_PER_UPDATE).
@@ -39,7 +41,7 @@ try:
 except ImportError:  # triton ships with torch's Linux wheels only; elsewhere the torch path is used
     triton = None
 
-BLOCK = 1024  # cells per program
+TILE = (16, 64)  # BH x BW cells per program: 16 rows of 64 cells (256 contiguous bytes a row)
 FIELD_BYTES, COEFFICIENT_BYTES = 12, 16  # per update: p(t-2), p(t-1) read and p(t) written; t1, m2, a2, a3
 
 
@@ -49,27 +51,31 @@ def bytes_per_update(sources: int) -> float:
 
 
 def _step(P_out, P_in, T1, M2, A2, A3, amp, src, rec, out, it, k, N, S, H, W, R, tiny,
-          FLUSH: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+          FLUSH: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_R: tl.constexpr):
     """One step on every field: P_out (p(it-2) in, p(it) out) from P_in (p(it-1)), both (N, H, W);
     coefficients (N / S, H, W); amp (steps, N); src (S,) and rec (R,) flat cell indices; out
-    (nt, N, R) receives P_in's receivers as row k when k >= 0."""
+    (nt, N, R) receives P_in's receivers as row k when k >= 0. A program: a BH x BW tile of one
+    field; the wrapped neighbour rows and columns are computed per row and per column, not per cell."""
     n = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
+    ti = tl.program_id(1)
+    tj = tl.program_id(2)
     HW = H * W
     base = n * HW
     cbase = (n // S) * HW
-    offs = tile * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < HW
-    i = offs // W
-    j = offs - i * W
-    up1 = tl.where(i >= 1, i - 1, i - 1 + H) * W + j
-    down1 = tl.where(i + 1 < H, i + 1, i + 1 - H) * W + j
-    left1 = i * W + tl.where(j >= 1, j - 1, j - 1 + W)
-    right1 = i * W + tl.where(j + 1 < W, j + 1, j + 1 - W)
-    up2 = tl.where(i >= 2, i - 2, i - 2 + H) * W + j
-    down2 = tl.where(i + 2 < H, i + 2, i + 2 - H) * W + j
-    left2 = i * W + tl.where(j >= 2, j - 2, j - 2 + W)
-    right2 = i * W + tl.where(j + 2 < W, j + 2, j + 2 - W)
+    rows = ti * BH + tl.arange(0, BH)
+    cols = tj * BW + tl.arange(0, BW)
+    mask = (rows < H)[:, None] & (cols < W)[None, :]
+    row = (rows * W)[:, None]
+    col = cols[None, :]
+    up1 = (tl.where(rows >= 1, rows - 1, rows - 1 + H) * W)[:, None] + col
+    down1 = (tl.where(rows + 1 < H, rows + 1, rows + 1 - H) * W)[:, None] + col
+    left1 = row + tl.where(cols >= 1, cols - 1, cols - 1 + W)[None, :]
+    right1 = row + tl.where(cols + 1 < W, cols + 1, cols + 1 - W)[None, :]
+    up2 = (tl.where(rows >= 2, rows - 2, rows - 2 + H) * W)[:, None] + col
+    down2 = (tl.where(rows + 2 < H, rows + 2, rows + 2 - H) * W)[:, None] + col
+    left2 = row + tl.where(cols >= 2, cols - 2, cols - 2 + W)[None, :]
+    right2 = row + tl.where(cols + 2 < W, cols + 2, cols + 2 - W)[None, :]
+    centre = row + col
     pin = P_in + base
     s1 = tl.load(pin + up1, mask=mask, other=0.0) + tl.load(pin + down1, mask=mask, other=0.0)
     s1 = s1 + tl.load(pin + left1, mask=mask, other=0.0)
@@ -77,19 +83,19 @@ def _step(P_out, P_in, T1, M2, A2, A3, amp, src, rec, out, it, k, N, S, H, W, R,
     s2 = tl.load(pin + up2, mask=mask, other=0.0) + tl.load(pin + down2, mask=mask, other=0.0)
     s2 = s2 + tl.load(pin + left2, mask=mask, other=0.0)
     s2 = s2 + tl.load(pin + right2, mask=mask, other=0.0)
-    p1 = tl.load(pin + offs, mask=mask, other=0.0)
-    p0 = tl.load(P_out + base + offs, mask=mask, other=0.0)
-    x = p0 * tl.load(M2 + cbase + offs, mask=mask, other=0.0)
-    x = tl.fma(tl.load(T1 + cbase + offs, mask=mask, other=0.0), p1, x)
-    x = tl.fma(tl.load(A2 + cbase + offs, mask=mask, other=0.0), s1, x)
-    x = tl.fma(tl.load(A3 + cbase + offs, mask=mask, other=0.0), s2, x)
+    p1 = tl.load(pin + centre, mask=mask, other=0.0)
+    p0 = tl.load(P_out + base + centre, mask=mask, other=0.0)
+    x = p0 * tl.load(M2 + cbase + centre, mask=mask, other=0.0)
+    x = tl.fma(tl.load(T1 + cbase + centre, mask=mask, other=0.0), p1, x)
+    x = tl.fma(tl.load(A2 + cbase + centre, mask=mask, other=0.0), s1, x)
+    x = tl.fma(tl.load(A3 + cbase + centre, mask=mask, other=0.0), s2, x)
     if FLUSH:
         x = tl.where((x >= -tiny) & (x <= tiny), 0.0, x)  # torch.hardshrink
     cell = tl.load(src + n % S)
-    x = tl.where(offs == cell, x + tl.load(amp + (it - 1) * N + n), x)
-    tl.store(P_out + base + offs, x, mask=mask)
+    x = tl.where(centre == cell, x + tl.load(amp + (it - 1) * N + n), x)
+    tl.store(P_out + base + centre, x, mask=mask)
     if k >= 0:
-        if tile == 0:
+        if ti + tj == 0:  # the field's first tile records
             r = tl.arange(0, BLOCK_R)
             rmask = r < R
             cells = tl.load(rec + r, mask=rmask, other=0)
@@ -139,8 +145,9 @@ def simulate(t1, m2, a2, a3, amp, src, rec, steps: int, skip: int, tiny: float,
     P1 = torch.zeros_like(P0)
     out = torch.empty(steps - skip, N, R, dtype=t1.dtype, device=device)
     kernel = _jit if device.type == "cuda" else _interpreted
-    grid = (N, triton.cdiv(H * W, BLOCK))  # fields first: CUDA allows 65,535 programs on axis 1 only
-    options = dict(FLUSH=bool(tiny), BLOCK=BLOCK, BLOCK_R=triton.next_power_of_2(R))
+    BH, BW = TILE
+    grid = (N, triton.cdiv(H, BH), triton.cdiv(W, BW))  # fields first: CUDA allows 65,535 on axes 1 and 2 only
+    options = dict(FLUSH=bool(tiny), BH=BH, BW=BW, BLOCK_R=triton.next_power_of_2(R))
     if device.type == "cuda":
         options["enable_fp_fusion"] = False
 
