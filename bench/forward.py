@@ -17,8 +17,8 @@ sample. The last line is `speedup=<reference s per sample / ours>`.
 exists) and maps of our generators, and print their seismic min / max next to OpenFWI's published
 per-family ranges (its dataset_config.json).
 
---device cuda: at each batch size of --batches (64-512), samples per minute, peak GPU memory and
-the fraction of the bandwidth bound for the fused Triton kernel, the torch-op path on CUDA
+--device cuda: at each batch size of --batches (64-512), samples per minute, peak GPU memory (beyond
+the inputs) and the fraction of the bandwidth bound for the fused Triton kernel, the torch-op path on CUDA
 (backend="torch") and the reference batched on the GPU as the port runs it, all full length; the
 records of the three are compared. The bound: bytes per sample = 15.2 bytes per cell update (12
 bytes of fields, p(t-2) and p(t-1) read and p(t) written, plus 16 bytes of coefficients shared by
@@ -201,14 +201,16 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
 
 
 def timed(run, device: torch.device) -> tuple[float, float, torch.Tensor]:
-    """Seconds and peak GiB allocated by run() (after a warm-up call of the same shapes)."""
+    """Seconds and peak GiB that run() allocates beyond what was allocated before it (its working
+    memory and its result; the inputs and earlier results not counted), after a warm-up call."""
     run()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
     result = run()
     torch.cuda.synchronize(device)
-    return time.perf_counter() - start, torch.cuda.max_memory_allocated(device) / 2**30, result
+    return time.perf_counter() - start, (torch.cuda.max_memory_allocated(device) - before) / 2**30, result
 
 
 def cuda_bench(args) -> int:
