@@ -342,8 +342,9 @@ def _simulate_fast(co: _Coefficients, geom: Geometry, steps: int, skip: int, ski
 
 
 def _simulate_triton(co: _Coefficients, geom: Geometry, steps: int, skip: int, tiny: float) -> torch.Tensor:
-    """No-grad path on CUDA: the fused Triton kernel over the whole grid (no skipping: the GPU
-    updates every cell in the time the skipping's bookkeeping would take). Returns (nt, B*S, R)."""
+    """No-grad path on CUDA: the fused Triton kernel over the whole grid (no skipping: the boxes
+    would be decided on the host every step, which a captured CUDA graph cannot do; they save
+    15-20 % on the CPU). Returns (nt, B*S, R)."""
     _, _, H, W = co.t1.shape
     srow, scol = geom.padded(geom.sources)
     rrow, rcol = geom.padded(geom.receivers)
