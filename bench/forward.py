@@ -200,10 +200,12 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / best
 
 
-def timed(run, device: torch.device) -> tuple[float, float, torch.Tensor]:
+def timed(run, device: torch.device, warm_up: bool) -> tuple[float, float, torch.Tensor]:
     """Seconds and peak GiB that run() allocates beyond what was allocated before it (its working
-    memory and its result; the inputs and earlier results not counted), after a warm-up call."""
-    run()
+    memory and its result; the inputs and earlier results not counted), after a warm-up call
+    (compilation, kernel loading) when `warm_up`."""
+    if warm_up:
+        run()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -252,7 +254,7 @@ def cuda_bench(args) -> int:
         vel = torch.from_numpy(maps[:batch]).to(device)
         results, rates = {}, {}
         for name, run in paths.items():
-            seconds, peak, results[name] = timed(lambda: run(vel), device)
+            seconds, peak, results[name] = timed(lambda: run(vel), device, warm_up=batch == batches[0])
             rate = rates[name] = batch / seconds * 60
             best[name] = max(best[name], rate)
             print(f"batch {batch:4d}  {name:8s}  {rate:10,.0f} samples/min  peak {peak:6.2f} GiB  "

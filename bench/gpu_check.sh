@@ -62,7 +62,7 @@ run() {
 run "gpu tests" 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_kernel.py tests/test_physics.py tests/test_cnn_data.py
 
 # 2. the simulator's kernels against the port.
-run "forward bench" 180 "$PY" bench/forward.py --device cuda
+run "forward bench" 240 "$PY" bench/forward.py --device cuda
 
 # 3. generation end to end (simulation and float16 files), samples per minute.
 N_GEN=2048
