@@ -16,14 +16,14 @@ rounded fma and then checks the kernel against the torch path bit for bit.
 
 The fields are unpadded (N, H, W) buffers (N = batch x sources); the wrap is index arithmetic
 on a tile's rows and columns (a select per row and per column, not per cell, and no division).
-Each program updates a BH x BW tile of one field; the fields vary fastest in launch order, so
-the S fields of one sample, which share its coefficients, run side by side and read them from L2,
-and a tile's 2-cell border, read again by the neighbouring tiles a wave of N programs later,
-stays in L2 while one row of tiles of every field fits there (N x 16 rows x 310 cells x 4 bytes:
-10 MB at batch 512, against 50-60 MB of L2 on an H100 / H200). Per update the
-DRAM traffic is, in the limit: read p(t-1) and p(t-2), write p(t) (12 bytes), plus the 4
-coefficients (16 bytes) shared by the S fields of one sample (16 / S bytes when they stay in L2):
-15.2 bytes at S = 5, the model bench/forward.py's bandwidth bound uses (BYTES_PER_UPDATE).
+Each program updates a BH x BW tile of one field. In launch order the tiles of one field come
+together, row of tiles after row of tiles, and the S fields of one sample one after the other: a
+tile's 2-cell border is read again by the next row of tiles a few programs later (from L1 / L2),
+and the S fields of a sample read the same coefficients within about S x 2.7 MB of other traffic,
+well inside the 50-60 MB of L2 of an H100 / H200. So per update the DRAM traffic is, in the
+limit: read p(t-1) and p(t-2), write p(t) (12 bytes), plus the 4 coefficients (16 bytes) read
+once per sample (16 / S bytes): 15.2 bytes at S = 5, the model of `bytes_per_update`, which
+bench/forward.py's bandwidth bound uses.
 
 The receivers of step it are gathered by the launch of step it + 1 (which reads that field and
 does not write it: no race), and those of the last step by one torch gather after the loop.
@@ -42,6 +42,7 @@ except ImportError:  # triton ships with torch's Linux wheels only; elsewhere th
     triton = None
 
 TILE = (16, 64)  # BH x BW cells per program: 16 rows of 64 cells (256 contiguous bytes a row)
+MAX_FIELDS = 65535  # CUDA's limit on a grid's third axis, which holds the fields
 FIELD_BYTES, COEFFICIENT_BYTES = 12, 16  # per update: p(t-2), p(t-1) read and p(t) written; t1, m2, a2, a3
 
 
@@ -56,9 +57,9 @@ def _step(P_out, P_in, T1, M2, A2, A3, amp, src, rec, out, it, k, N, S, H, W, R,
     coefficients (N / S, H, W); amp (steps, N); src (S,) and rec (R,) flat cell indices; out
     (nt, N, R) receives P_in's receivers as row k when k >= 0. A program: a BH x BW tile of one
     field; the wrapped neighbour rows and columns are computed per row and per column, not per cell."""
-    n = tl.program_id(0).to(tl.int64)
+    tj = tl.program_id(0)
     ti = tl.program_id(1)
-    tj = tl.program_id(2)
+    n = tl.program_id(2).to(tl.int64)
     HW = H * W
     base = n * HW
     cbase = (n // S) * HW
@@ -145,8 +146,11 @@ def simulate(t1, m2, a2, a3, amp, src, rec, steps: int, skip: int, tiny: float,
     P1 = torch.zeros_like(P0)
     out = torch.empty(steps - skip, N, R, dtype=t1.dtype, device=device)
     kernel = _jit if device.type == "cuda" else _interpreted
+    if N > MAX_FIELDS:
+        raise ValueError(f"the Triton path runs at most {MAX_FIELDS} fields (samples x sources) at once, got {N}: "
+                         "lower forward_model's batch_size")
     BH, BW = TILE
-    grid = (N, triton.cdiv(H, BH), triton.cdiv(W, BW))  # fields first: CUDA allows 65,535 on axes 1 and 2 only
+    grid = (triton.cdiv(W, BW), triton.cdiv(H, BH), N)  # column tiles fastest, the fields slowest
     options = dict(FLUSH=bool(tiny), BH=BH, BW=BW, BLOCK_R=triton.next_power_of_2(R))
     if device.type == "cuda":
         options["enable_fp_fusion"] = False
