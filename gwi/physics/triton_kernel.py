@@ -1,7 +1,7 @@
 """The CUDA fast path's fused update, in Triton: one kernel launch per time step does the whole
 update of every field of a batch (all sources of all samples), the damping, the flush of tiny
 values, the source injection, and the recording of the previous step's receivers; the time loop is
-captured once as a CUDA graph and replayed, so 1,000 launches cost one.
+captured once per shape as a CUDA graph and replayed, so 1,000 launches cost one.
 
 The float operations and their order are those of the torch path and of the C kernel (see
 gwi/physics/acoustic.py, "Arithmetic"):
@@ -129,51 +129,84 @@ def _use_graph(device: torch.device, cuda_graph: bool | None) -> bool:
     return cuda_graph
 
 
+class _Run:
+    """The buffers and launches of one simulation shape: static tensors a CUDA graph can replay."""
+
+    def __init__(self, B, S, H, W, R, steps, skip, tiny, src, rec, dtype, device):
+        N = B * S
+        if N > MAX_FIELDS:
+            raise ValueError(f"the Triton path runs at most {MAX_FIELDS} fields (samples x sources) at once, got {N}: "
+                             "lower forward_model's batch_size")
+        self.N, self.H, self.W, self.steps, self.skip = N, H, W, steps, skip
+        self.coef = [torch.empty(B, H, W, dtype=dtype, device=device) for _ in range(4)]
+        self.amp = torch.empty(steps, N, dtype=dtype, device=device)
+        self.src = torch.as_tensor(src, dtype=torch.int32, device=device)
+        self.rec = torch.as_tensor(rec, dtype=torch.int32, device=device)
+        self.rec_long = self.rec.long()
+        self.P = [torch.zeros(N, H, W, dtype=dtype, device=device) for _ in range(2)]
+        self.out = torch.empty(steps - skip, N, R, dtype=dtype, device=device)
+        self.kernel = _jit if device.type == "cuda" else _interpreted
+        BH, BW = TILE
+        self.grid = (triton.cdiv(W, BW), triton.cdiv(H, BH), N)  # column tiles fastest, the fields slowest
+        self.args = (S, H, W, R, float(tiny))
+        self.options = dict(FLUSH=bool(tiny), BH=BH, BW=BW, BLOCK_R=triton.next_power_of_2(R))
+        if device.type == "cuda":
+            self.options["enable_fp_fusion"] = False  # only the explicit fma are fused
+        self.graph = None
+
+    def launch(self, it: int) -> None:
+        """Step it (1-based): P[it % 2] (p(it-2)) receives p(it) from P[1 - it % 2] (p(it-1)), whose
+        receivers are recorded as row it - skip - 2 when that is a recorded step."""
+        P_out, P_in = self.P[it % 2], self.P[1 - it % 2]
+        self.kernel[self.grid](P_out, P_in, *self.coef, self.amp, self.src, self.rec, self.out, it, it - self.skip - 2,
+                               self.N, *self.args, **self.options)
+
+    def steps_after_the_first(self) -> None:
+        for it in range(2, self.steps + 1):
+            self.launch(it)
+        if self.steps > self.skip:  # the last step's receivers
+            torch.index_select(self.P[self.steps % 2].view(self.N, -1), 1, self.rec_long, out=self.out[-1])
+
+    def run(self, coef, amp, graph: bool) -> torch.Tensor:
+        for buffer, value in zip(self.coef, coef):
+            buffer.copy_(value.reshape(buffer.shape))
+        self.amp.copy_(amp.reshape(self.amp.shape))
+        for P in self.P:
+            P.zero_()
+        # Step 1 runs eagerly: the first launch compiles the kernel, which a graph capture cannot.
+        self.launch(1)
+        if not graph:
+            self.steps_after_the_first()
+        else:
+            if self.graph is None:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.steps_after_the_first()
+            self.graph.replay()
+        return self.out.clone()  # the buffers serve the next call
+
+
+_cached: dict = {}  # the last shape's _Run on the GPU: its captured graph is replayed while the shape repeats
+
+
 def simulate(t1, m2, a2, a3, amp, src, rec, steps: int, skip: int, tiny: float,
              cuda_graph: bool | None = None) -> torch.Tensor:
     """Runs `steps` steps from zero fields. t1, m2, a2, a3: (B, 1, H, W) float32; amp (steps, B, S);
     src (S,) and rec (R,): flat cell indices on the (H, W) grid. Returns the records of the steps
-    after `skip`, (steps - skip, B * S, R), as the torch path does. cuda_graph: capture the time
-    loop as one CUDA graph (default: on, unless GWI_PHYSICS_CUDA_GRAPH=0)."""
+    after `skip`, (steps - skip, B * S, R), as the torch path does.
+
+    cuda_graph (default: on, unless GWI_PHYSICS_CUDA_GRAPH=0): steps 2.. are captured once as one
+    CUDA graph and replayed by every later call of the same shapes (a generation loop's batches):
+    the buffers of the last shape stay allocated for that (1.8 GB at batch 256 with OpenFWI's
+    settings). Without it (and on the CPU) every step is one launch."""
     B, _, H, W = t1.shape
-    S, R = len(src), len(rec)
-    N, device = B * S, t1.device
-    coef = [x.reshape(B, H, W).contiguous() for x in (t1, m2, a2, a3)]
-    amp = amp.reshape(steps, N).contiguous()
-    src = torch.as_tensor(src, dtype=torch.int32, device=device)
-    rec = torch.as_tensor(rec, dtype=torch.int32, device=device)
-    P0 = torch.zeros(N, H, W, dtype=t1.dtype, device=device)
-    P1 = torch.zeros_like(P0)
-    out = torch.empty(steps - skip, N, R, dtype=t1.dtype, device=device)
-    kernel = _jit if device.type == "cuda" else _interpreted
-    if N > MAX_FIELDS:
-        raise ValueError(f"the Triton path runs at most {MAX_FIELDS} fields (samples x sources) at once, got {N}: "
-                         "lower forward_model's batch_size")
-    BH, BW = TILE
-    grid = (triton.cdiv(W, BW), triton.cdiv(H, BH), N)  # column tiles fastest, the fields slowest
-    options = dict(FLUSH=bool(tiny), BH=BH, BW=BW, BLOCK_R=triton.next_power_of_2(R))
-    if device.type == "cuda":
-        options["enable_fp_fusion"] = False
-
-    def launch(it: int, P_out, P_in):
-        k = it - skip - 2  # P_in holds step it - 1
-        kernel[grid](P_out, P_in, *coef, amp, src, rec, out, it, k, N, S, H, W, R,
-                     float(tiny), **options)
-
-    # Step 1 runs eagerly (it compiles the kernel, which a graph capture cannot), the rest from
-    # step 2 on, in the graph or one launch at a time. The buffers swap roles every step.
-    launch(1, P0, P1)
-    pairs = [(P1, P0) if it % 2 == 0 else (P0, P1) for it in range(2, steps + 1)]
-    if _use_graph(device, cuda_graph) and steps > 1:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for it, (P_out, P_in) in enumerate(pairs, start=2):
-                launch(it, P_out, P_in)
-        graph.replay()
-    else:
-        for it, (P_out, P_in) in enumerate(pairs, start=2):
-            launch(it, P_out, P_in)
-    last = P1 if steps % 2 == 0 else P0
-    if steps > skip:
-        torch.index_select(last.view(N, H * W), 1, rec.long(), out=out[-1])
-    return out
+    device = t1.device
+    graph = _use_graph(device, cuda_graph)
+    key = (device, B, len(src), H, W, tuple(int(x) for x in src), tuple(int(x) for x in rec), steps, skip, float(tiny), t1.dtype)
+    run = _cached.get(key) if graph else None
+    if run is None:
+        _cached.clear()
+        run = _Run(B, len(src), H, W, len(rec), steps, skip, tiny, src, rec, t1.dtype, device)
+        if graph:
+            _cached[key] = run
+    return run.run((t1, m2, a2, a3), amp, graph)
