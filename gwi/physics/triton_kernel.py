@@ -186,7 +186,11 @@ class _Run:
         return self.out.clone()  # the buffers serve the next call
 
 
-_cached: dict = {}  # the last shape's _Run on the GPU: its captured graph is replayed while the shape repeats
+# The _Runs of the last CACHED shapes on the GPU, least recently used first: their captured graphs
+# are replayed while the shapes repeat (two: a generation loop's full batches and a file's last,
+# partial one alternate).
+CACHED = 2
+_cached: dict = {}
 
 
 def simulate(t1, m2, a2, a3, amp, src, rec, steps: int, skip: int, tiny: float,
@@ -197,16 +201,17 @@ def simulate(t1, m2, a2, a3, amp, src, rec, steps: int, skip: int, tiny: float,
 
     cuda_graph (default: on, unless GWI_PHYSICS_CUDA_GRAPH=0): steps 2.. are captured once as one
     CUDA graph and replayed by every later call of the same shapes (a generation loop's batches):
-    the buffers of the last shape stay allocated for that (1.8 GB at batch 256 with OpenFWI's
+    the buffers of the last two shapes stay allocated for that (1.8 GB at batch 256 with OpenFWI's
     settings). Without it (and on the CPU) every step is one launch."""
     B, _, H, W = t1.shape
     device = t1.device
     graph = _use_graph(device, cuda_graph)
     key = (device, B, len(src), H, W, tuple(int(x) for x in src), tuple(int(x) for x in rec), steps, skip, float(tiny), t1.dtype)
-    run = _cached.get(key) if graph else None
+    run = _cached.pop(key, None) if graph else None
     if run is None:
-        _cached.clear()
+        while len(_cached) >= CACHED:
+            _cached.pop(next(iter(_cached)))
         run = _Run(B, len(src), H, W, len(rec), steps, skip, tiny, src, rec, t1.dtype, device)
-        if graph:
-            _cached[key] = run
+    if graph:
+        _cached[key] = run  # the most recently used last
     return run.run((t1, m2, a2, a3), amp, graph)
