@@ -1,7 +1,7 @@
 """The CUDA fast path's fused update, in Triton: one kernel launch per time step does the whole
 update of every field of a batch (all sources of all samples), the damping, the flush of tiny
 values, the source injection, and the recording of the previous step's receivers; the time loop is
-captured once as a CUDA graph and replayed, so 1,000 launches cost one.
+captured once per shape as a CUDA graph and replayed, so 1,000 launches cost one.
 
 The float operations and their order are those of the torch path and of the C kernel (see
 gwi/physics/acoustic.py, "Arithmetic"):
@@ -14,12 +14,16 @@ kernel's bits. Triton's interpreter (the kernel run on CPU tensors, for tests) e
 `tl.fma(x, y, z)` as x * y + z in numpy float32, two roundings; a test gives it a correctly
 rounded fma and then checks the kernel against the torch path bit for bit.
 
-The fields are unpadded (N, H, W) buffers (N = batch x sources); the wrap is index arithmetic.
-Each program updates BLOCK consecutive cells of one field; programs of the same field cover it in
-row order, so the stencil's neighbour rows are mostly still in L1 / L2 when read. Per update the
-DRAM traffic is, in the limit: read p(t-1) and p(t-2), write p(t) (12 bytes), plus the 4
-coefficients (16 bytes) shared by the S fields of one sample (16 / S bytes when they stay in L2):
-15.2 bytes at S = 5, the model bench/forward.py's bandwidth bound uses (BYTES_PER_UPDATE).
+The fields are unpadded (N, H, W) buffers (N = batch x sources); the wrap is index arithmetic
+on a tile's rows and columns (a select per row and per column, not per cell, and no division).
+Each program updates a BH x BW tile of one field. In launch order the tiles of one field come
+together, row of tiles after row of tiles, and the S fields of one sample one after the other: a
+tile's 2-cell border is read again by the next row of tiles a few programs later (from L1 / L2),
+and the S fields of a sample read the same coefficients within about S x 2.7 MB of other traffic,
+well inside the 50-60 MB of L2 of an H100 / H200. So per update the DRAM traffic is, in the
+limit: read p(t-1) and p(t-2), write p(t) (12 bytes), plus the 4 coefficients (16 bytes) read
+once per sample (16 / S bytes): 15.2 bytes at S = 5, the model of `bytes_per_update`, which
+bench/forward.py's bandwidth bound uses.
 
 The receivers of step it are gathered by the launch of step it + 1 (which reads that field and
 does not write it: no race), and those of the last step by one torch gather after the loop.
@@ -37,7 +41,8 @@ try:
 except ImportError:  # triton ships with torch's Linux wheels only; elsewhere the torch path is used
     triton = None
 
-BLOCK = 1024  # cells per program
+TILE = (16, 64)  # BH x BW cells per program: 16 rows of 64 cells (256 contiguous bytes a row)
+MAX_FIELDS = 65535  # CUDA's limit on a grid's third axis, which holds the fields
 FIELD_BYTES, COEFFICIENT_BYTES = 12, 16  # per update: p(t-2), p(t-1) read and p(t) written; t1, m2, a2, a3
 
 
@@ -47,27 +52,31 @@ def bytes_per_update(sources: int) -> float:
 
 
 def _step(P_out, P_in, T1, M2, A2, A3, amp, src, rec, out, it, k, N, S, H, W, R, tiny,
-          FLUSH: tl.constexpr, BLOCK: tl.constexpr, BLOCK_R: tl.constexpr):
+          FLUSH: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_R: tl.constexpr):
     """One step on every field: P_out (p(it-2) in, p(it) out) from P_in (p(it-1)), both (N, H, W);
     coefficients (N / S, H, W); amp (steps, N); src (S,) and rec (R,) flat cell indices; out
-    (nt, N, R) receives P_in's receivers as row k when k >= 0."""
-    tile = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
+    (nt, N, R) receives P_in's receivers as row k when k >= 0. A program: a BH x BW tile of one
+    field; the wrapped neighbour rows and columns are computed per row and per column, not per cell."""
+    tj = tl.program_id(0)
+    ti = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
     HW = H * W
     base = n * HW
     cbase = (n // S) * HW
-    offs = tile * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < HW
-    i = offs // W
-    j = offs - i * W
-    up1 = tl.where(i >= 1, i - 1, i - 1 + H) * W + j
-    down1 = tl.where(i + 1 < H, i + 1, i + 1 - H) * W + j
-    left1 = i * W + tl.where(j >= 1, j - 1, j - 1 + W)
-    right1 = i * W + tl.where(j + 1 < W, j + 1, j + 1 - W)
-    up2 = tl.where(i >= 2, i - 2, i - 2 + H) * W + j
-    down2 = tl.where(i + 2 < H, i + 2, i + 2 - H) * W + j
-    left2 = i * W + tl.where(j >= 2, j - 2, j - 2 + W)
-    right2 = i * W + tl.where(j + 2 < W, j + 2, j + 2 - W)
+    rows = ti * BH + tl.arange(0, BH)
+    cols = tj * BW + tl.arange(0, BW)
+    mask = (rows < H)[:, None] & (cols < W)[None, :]
+    row = (rows * W)[:, None]
+    col = cols[None, :]
+    up1 = (tl.where(rows >= 1, rows - 1, rows - 1 + H) * W)[:, None] + col
+    down1 = (tl.where(rows + 1 < H, rows + 1, rows + 1 - H) * W)[:, None] + col
+    left1 = row + tl.where(cols >= 1, cols - 1, cols - 1 + W)[None, :]
+    right1 = row + tl.where(cols + 1 < W, cols + 1, cols + 1 - W)[None, :]
+    up2 = (tl.where(rows >= 2, rows - 2, rows - 2 + H) * W)[:, None] + col
+    down2 = (tl.where(rows + 2 < H, rows + 2, rows + 2 - H) * W)[:, None] + col
+    left2 = row + tl.where(cols >= 2, cols - 2, cols - 2 + W)[None, :]
+    right2 = row + tl.where(cols + 2 < W, cols + 2, cols + 2 - W)[None, :]
+    centre = row + col
     pin = P_in + base
     s1 = tl.load(pin + up1, mask=mask, other=0.0) + tl.load(pin + down1, mask=mask, other=0.0)
     s1 = s1 + tl.load(pin + left1, mask=mask, other=0.0)
@@ -75,19 +84,19 @@ def _step(P_out, P_in, T1, M2, A2, A3, amp, src, rec, out, it, k, N, S, H, W, R,
     s2 = tl.load(pin + up2, mask=mask, other=0.0) + tl.load(pin + down2, mask=mask, other=0.0)
     s2 = s2 + tl.load(pin + left2, mask=mask, other=0.0)
     s2 = s2 + tl.load(pin + right2, mask=mask, other=0.0)
-    p1 = tl.load(pin + offs, mask=mask, other=0.0)
-    p0 = tl.load(P_out + base + offs, mask=mask, other=0.0)
-    x = p0 * tl.load(M2 + cbase + offs, mask=mask, other=0.0)
-    x = tl.fma(tl.load(T1 + cbase + offs, mask=mask, other=0.0), p1, x)
-    x = tl.fma(tl.load(A2 + cbase + offs, mask=mask, other=0.0), s1, x)
-    x = tl.fma(tl.load(A3 + cbase + offs, mask=mask, other=0.0), s2, x)
+    p1 = tl.load(pin + centre, mask=mask, other=0.0)
+    p0 = tl.load(P_out + base + centre, mask=mask, other=0.0)
+    x = p0 * tl.load(M2 + cbase + centre, mask=mask, other=0.0)
+    x = tl.fma(tl.load(T1 + cbase + centre, mask=mask, other=0.0), p1, x)
+    x = tl.fma(tl.load(A2 + cbase + centre, mask=mask, other=0.0), s1, x)
+    x = tl.fma(tl.load(A3 + cbase + centre, mask=mask, other=0.0), s2, x)
     if FLUSH:
         x = tl.where((x >= -tiny) & (x <= tiny), 0.0, x)  # torch.hardshrink
     cell = tl.load(src + n % S)
-    x = tl.where(offs == cell, x + tl.load(amp + (it - 1) * N + n), x)
-    tl.store(P_out + base + offs, x, mask=mask)
+    x = tl.where(centre == cell, x + tl.load(amp + (it - 1) * N + n), x)
+    tl.store(P_out + base + centre, x, mask=mask)
     if k >= 0:
-        if tile == 0:
+        if ti + tj == 0:  # the field's first tile records
             r = tl.arange(0, BLOCK_R)
             rmask = r < R
             cells = tl.load(rec + r, mask=rmask, other=0)
@@ -120,47 +129,89 @@ def _use_graph(device: torch.device, cuda_graph: bool | None) -> bool:
     return cuda_graph
 
 
+class _Run:
+    """The buffers and launches of one simulation shape: static tensors a CUDA graph can replay."""
+
+    def __init__(self, B, S, H, W, R, steps, skip, tiny, src, rec, dtype, device):
+        N = B * S
+        if N > MAX_FIELDS:
+            raise ValueError(f"the Triton path runs at most {MAX_FIELDS} fields (samples x sources) at once, got {N}: "
+                             "lower forward_model's batch_size")
+        self.N, self.H, self.W, self.steps, self.skip = N, H, W, steps, skip
+        self.coef = [torch.empty(B, H, W, dtype=dtype, device=device) for _ in range(4)]
+        self.amp = torch.empty(steps, N, dtype=dtype, device=device)
+        self.src = torch.as_tensor(src, dtype=torch.int32, device=device)
+        self.rec = torch.as_tensor(rec, dtype=torch.int32, device=device)
+        self.rec_long = self.rec.long()
+        self.P = [torch.zeros(N, H, W, dtype=dtype, device=device) for _ in range(2)]
+        self.out = torch.empty(steps - skip, N, R, dtype=dtype, device=device)
+        self.kernel = _jit if device.type == "cuda" else _interpreted
+        BH, BW = TILE
+        self.grid = (triton.cdiv(W, BW), triton.cdiv(H, BH), N)  # column tiles fastest, the fields slowest
+        self.args = (S, H, W, R, float(tiny))
+        self.options = dict(FLUSH=bool(tiny), BH=BH, BW=BW, BLOCK_R=triton.next_power_of_2(R))
+        if device.type == "cuda":
+            self.options["enable_fp_fusion"] = False  # only the explicit fma are fused
+        self.graph = None
+
+    def launch(self, it: int) -> None:
+        """Step it (1-based): P[it % 2] (p(it-2)) receives p(it) from P[1 - it % 2] (p(it-1)), whose
+        receivers are recorded as row it - skip - 2 when that is a recorded step."""
+        P_out, P_in = self.P[it % 2], self.P[1 - it % 2]
+        self.kernel[self.grid](P_out, P_in, *self.coef, self.amp, self.src, self.rec, self.out, it, it - self.skip - 2,
+                               self.N, *self.args, **self.options)
+
+    def steps_after_the_first(self) -> None:
+        for it in range(2, self.steps + 1):
+            self.launch(it)
+        if self.steps > self.skip:  # the last step's receivers
+            torch.index_select(self.P[self.steps % 2].view(self.N, -1), 1, self.rec_long, out=self.out[-1])
+
+    def run(self, coef, amp, graph: bool) -> torch.Tensor:
+        for buffer, value in zip(self.coef, coef):
+            buffer.copy_(value.reshape(buffer.shape))
+        self.amp.copy_(amp.reshape(self.amp.shape))
+        for P in self.P:
+            P.zero_()
+        # Step 1 runs eagerly: the first launch compiles the kernel, which a graph capture cannot.
+        self.launch(1)
+        if not graph:
+            self.steps_after_the_first()
+        else:
+            if self.graph is None:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.steps_after_the_first()
+            self.graph.replay()
+        return self.out.clone()  # the buffers serve the next call
+
+
+# The _Runs of the last CACHED shapes on the GPU, least recently used first: their captured graphs
+# are replayed while the shapes repeat (two: a generation loop's full batches and a file's last,
+# partial one alternate).
+CACHED = 2
+_cached: dict = {}
+
+
 def simulate(t1, m2, a2, a3, amp, src, rec, steps: int, skip: int, tiny: float,
              cuda_graph: bool | None = None) -> torch.Tensor:
     """Runs `steps` steps from zero fields. t1, m2, a2, a3: (B, 1, H, W) float32; amp (steps, B, S);
     src (S,) and rec (R,): flat cell indices on the (H, W) grid. Returns the records of the steps
-    after `skip`, (steps - skip, B * S, R), as the torch path does. cuda_graph: capture the time
-    loop as one CUDA graph (default: on, unless GWI_PHYSICS_CUDA_GRAPH=0)."""
+    after `skip`, (steps - skip, B * S, R), as the torch path does.
+
+    cuda_graph (default: on, unless GWI_PHYSICS_CUDA_GRAPH=0): steps 2.. are captured once as one
+    CUDA graph and replayed by every later call of the same shapes (a generation loop's batches):
+    the buffers of the last two shapes stay allocated for that (1.8 GB at batch 256 with OpenFWI's
+    settings). Without it (and on the CPU) every step is one launch."""
     B, _, H, W = t1.shape
-    S, R = len(src), len(rec)
-    N, device = B * S, t1.device
-    coef = [x.reshape(B, H, W).contiguous() for x in (t1, m2, a2, a3)]
-    amp = amp.reshape(steps, N).contiguous()
-    src = torch.as_tensor(src, dtype=torch.int32, device=device)
-    rec = torch.as_tensor(rec, dtype=torch.int32, device=device)
-    P0 = torch.zeros(N, H, W, dtype=t1.dtype, device=device)
-    P1 = torch.zeros_like(P0)
-    out = torch.empty(steps - skip, N, R, dtype=t1.dtype, device=device)
-    kernel = _jit if device.type == "cuda" else _interpreted
-    grid = (triton.cdiv(H * W, BLOCK), N)
-    options = dict(FLUSH=bool(tiny), BLOCK=BLOCK, BLOCK_R=triton.next_power_of_2(R))
-    if device.type == "cuda":
-        options["enable_fp_fusion"] = False
-
-    def launch(it: int, P_out, P_in):
-        k = it - skip - 2  # P_in holds step it - 1
-        kernel[grid](P_out, P_in, *coef, amp, src, rec, out, it, k, N, S, H, W, R,
-                     float(tiny), **options)
-
-    # Step 1 runs eagerly (it compiles the kernel, which a graph capture cannot), the rest from
-    # step 2 on, in the graph or one launch at a time. The buffers swap roles every step.
-    launch(1, P0, P1)
-    pairs = [(P1, P0) if it % 2 == 0 else (P0, P1) for it in range(2, steps + 1)]
-    if _use_graph(device, cuda_graph) and steps > 1:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for it, (P_out, P_in) in enumerate(pairs, start=2):
-                launch(it, P_out, P_in)
-        graph.replay()
-    else:
-        for it, (P_out, P_in) in enumerate(pairs, start=2):
-            launch(it, P_out, P_in)
-    last = P1 if steps % 2 == 0 else P0
-    if steps > skip:
-        torch.index_select(last.view(N, H * W), 1, rec.long(), out=out[-1])
-    return out
+    device = t1.device
+    graph = _use_graph(device, cuda_graph)
+    key = (device, B, len(src), H, W, tuple(int(x) for x in src), tuple(int(x) for x in rec), steps, skip, float(tiny), t1.dtype)
+    run = _cached.pop(key, None) if graph else None
+    if run is None:
+        while len(_cached) >= CACHED:
+            _cached.pop(next(iter(_cached)))
+        run = _Run(B, len(src), H, W, len(rec), steps, skip, tiny, src, rec, t1.dtype, device)
+    if graph:
+        _cached[key] = run  # the most recently used last
+    return run.run((t1, m2, a2, a3), amp, graph)
