@@ -13,6 +13,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
+import wandb
 from tqdm.auto import tqdm
 
 from gwi.layout import SOURCE_X, find_pairs
@@ -93,10 +94,6 @@ def _report(cfg, run_dir: Path, accelerator) -> dict:
     tqdm.write("\n".join(lines))  # tqdm.write: the training progress bar may still be on the terminal
 
     if any(tracker.name == "wandb" for tracker in accelerator.trackers):
-        # Imported here: only a run that logs to W&B needs it (harness.tracking imported it for that
-        # run already); a run without W&B never pays its import.
-        import wandb
-
         run = accelerator.get_tracker("wandb", unwrap=True)
         values = {"test/mae": test_mae, "test/mae_mean_map": baseline, **{f"test/mae_{f}": v for f, v in per_family.items()}}
         run.log({**values, "test/predictions": wandb.Image(str(picture))})

@@ -26,6 +26,7 @@ import yaml
 
 from harness import checkpoint as ckpt
 from harness.errors import ConfigError, UserError
+from harness.tracking import parse_record
 
 LOCK = ".lock"
 PREVIOUS = ".previous-"
@@ -209,12 +210,8 @@ def drop_records_after(run_dir: Path, step: int) -> dict[str, int]:
     for path in sorted(Path(run_dir).glob("*.jsonl")):
         kept, lost = [], 0
         for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                lost += 1
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+            record = parse_record(line)  # None: a torn line (or other damage), which every reader skips
+            if record is None or (isinstance(record.get("step"), int) and record["step"] > step):
                 lost += 1
             else:
                 kept.append(line)

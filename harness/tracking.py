@@ -154,25 +154,26 @@ METRICS_FILE = "metrics.jsonl"
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The records of `<run_dir>/metrics.jsonl`, in order: the one reader of the file (run table,
-    learning curves, task reports), with one tolerance of bad lines. A run killed while writing
-    leaves a torn last line: it is skipped. When that run is resumed, its first record is appended
-    to the torn line, which is then a middle line: the complete record at its end is kept and the
-    torn part dropped. Any other line that is not a JSON object is skipped too, wherever it is.
-    A missing file is a FileNotFoundError."""
+    learning curves, task reports), with one tolerance of bad lines: a line that is not a JSON
+    object (`parse_record`) is skipped, wherever it is. At the end it is the torn last line of a run
+    killed while writing (a resume removes it before appending: `harness.rundir.drop_records_after`,
+    which keeps lines by the same test); in the middle it is damage from outside the harness, and
+    only that line is lost. A missing file is a FileNotFoundError."""
     rows = []
     for line in (Path(run_dir) / METRICS_FILE).read_text().splitlines():
-        row = _record(line) or _record(line[line.rfind("{"):])  # records are flat: their last "{" starts one
-        if row is not None:
-            rows.append(row)
+        record = parse_record(line)
+        if record is not None:
+            rows.append(record)
     return rows
 
 
-def _record(text: str) -> dict | None:
+def parse_record(line: str) -> dict | None:
+    """One line of a run's .jsonl log as its record, or None when it is not a JSON object."""
     try:
-        row = json.loads(text)
+        record = json.loads(line)
     except json.JSONDecodeError:
         return None
-    return row if isinstance(row, dict) else None
+    return record if isinstance(record, dict) else None
 
 
 class Tracker:

@@ -97,7 +97,7 @@ def test_test_folder_errors_name_the_problem(tmp_path, gwi_smoke_run):
     empty.mkdir()
     (empty / "FlatVel_A").mkdir()
     result = run_entry("infer.py", "--checkpoint", gwi_smoke_run, "--data", empty, "--out", tmp_path / "s.csv")
-    assert result.returncode == 2 and "no training data found" in result.stderr
+    assert result.returncode == 2 and f"--data {empty}: no data found; expected a test folder" in result.stderr
     bad = write_test_dir(tmp_path / "bad", ["aaa"])
     np.save(bad / "bbb.npy", np.zeros((5, 999, 70), np.float32))
     result = run_entry("infer.py", "--checkpoint", gwi_smoke_run, "--data", bad, "--out", tmp_path / "s.csv", "--num-workers", "1")

