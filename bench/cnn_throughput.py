@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.loop_overhead import harness_loop, raw_loop  # noqa: E402
+from bench.loop_overhead import harness_loop, raw_loop, timed  # noqa: E402
 from harness.config import load_config  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smoke" / "cnn.yaml"
@@ -64,7 +64,7 @@ def main() -> None:
                 out = Path(tmp) / f"{name}{repeat}"
                 out.mkdir()
                 with contextlib.redirect_stdout(io.StringIO()):  # the parameter tables and eval lines of every run
-                    seconds = run(bench_config(args.steps, args.batch, out))
+                    seconds = timed(run, bench_config(args.steps, args.batch, out)).wall
                 if repeat:
                     times[name].append(seconds)
                     if name == "harness":
