@@ -257,7 +257,3 @@ def type_name(annotation: Any) -> str:
 
 def to_plain_dict(cfg: BaseModel) -> dict:
     return cfg.model_dump(mode="json")
-
-
-def save_yaml(cfg: BaseModel, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(to_plain_dict(cfg), sort_keys=False))

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from harness import checkpoint as ckpt
-from harness.errors import ConfigError, UserError
+from harness.errors import ConfigError, RunFailed, UserError
 from harness.tracking import parse_record
 
 LOCK = ".lock"
@@ -246,21 +246,26 @@ class RunFolder:
     @classmethod
     def open(cls, accelerator, cfg) -> "RunFolder":
         folder = cls(Path(cfg.output_dir), accelerator.print)
-        verdict = [None, None, None]  # error type, message, the checkpoint to resume from
+        verdict = [None, None, None]  # error kind, message, the checkpoint to resume from
+        failure = None
         if accelerator.is_main_process:
             try:
                 folder._prepare(cfg)
                 verdict[2] = str(folder.resume_from) if folder.resume_from else None
-            except UserError as err:
-                verdict[:2] = "config" if isinstance(err, ConfigError) else "user", str(err)
+            except Exception as err:
+                failure = err
+                kind = "config" if isinstance(err, ConfigError) else "user" if isinstance(err, UserError) else "failed"
+                verdict[:2] = kind, str(err)
                 folder.close()
         if accelerator.num_processes > 1:  # every process stops, or none: no collective is left waiting
             # Imported here: `python -m harness.runs` imports this module for the lock and stays light.
             from accelerate.utils import broadcast_object_list
 
             broadcast_object_list(verdict)
+        if failure is not None:
+            raise failure
         if verdict[1] is not None:
-            raise (ConfigError if verdict[0] == "config" else UserError)(verdict[1])
+            raise {"config": ConfigError, "user": UserError}.get(verdict[0], RunFailed)(verdict[1])
         folder.resume_from = Path(verdict[2]) if verdict[2] else None
         if folder.resume_from is not None:
             folder.resumed_reason = ckpt.read_meta(folder.resume_from).get("reason")

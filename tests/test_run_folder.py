@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SMOKE_CNN, read_metrics
+from conftest import SMOKE_CNN, accelerate_launch, read_metrics
 from harness import checkpoint as ckpt
 from harness import rundir
 from harness.cli import run_cli
@@ -155,6 +155,19 @@ def test_a_second_run_on_the_same_folder_stops_at_once_naming_the_holder(tmp_pat
         release.set()
         holder.join(30)
     assert rundir.lock_holder(tmp_path) is None  # its holder gone, the lock is free
+
+
+@pytest.mark.slow
+def test_under_accelerate_launch_every_process_stops_when_the_folder_is_locked(tmp_path):
+    lock = rundir.RunLock(tmp_path)  # this process plays the run that holds the folder
+    lock.acquire()
+    try:
+        result = accelerate_launch(2, "train.py", SMOKE_CNN, f"output_dir={tmp_path}", *RUN)
+    finally:
+        lock.release()
+    assert result.returncode != 0
+    assert result.stderr.count(f"error: output_dir {str(tmp_path)!r} is in use by another run (pid {os.getpid()}") == 1
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
