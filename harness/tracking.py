@@ -17,6 +17,7 @@ from typing import TypeVar
 from urllib.parse import urlparse, urlsplit
 
 import wandb
+from wandb.sdk import wandb_setup
 from tqdm.auto import tqdm
 
 from harness.errors import ConfigError
@@ -58,8 +59,6 @@ def wandb_server_unreachable() -> tuple[str, str | None]:
     None when it opens). wandb's client retries a refused connection with back-off for a minute or
     more; a machine without network should hear so at once. Behind a proxy a direct connection
     proves nothing, so then the answer is None."""
-    from wandb.sdk import wandb_setup  # only asked when W&B is about to go online
-
     server = wandb_setup.singleton().settings.base_url
     if any(os.environ.get(name) for name in PROXY_VARIABLES):
         return server, None
