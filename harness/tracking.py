@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlparse, urlsplit
+from urllib.parse import urlparse
 
 import wandb
 from wandb.sdk import wandb_setup
@@ -62,7 +62,7 @@ def wandb_server_unreachable() -> tuple[str, str | None]:
     server = wandb_setup.singleton().settings.base_url
     if any(os.environ.get(name) for name in PROXY_VARIABLES):
         return server, None
-    parts = urlsplit(server)
+    parts = urlparse(server)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
