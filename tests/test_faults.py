@@ -4,6 +4,7 @@ switches and an unreachable server, killed simulation workers, `--help` into a c
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -167,17 +168,18 @@ def alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc")
 def test_killed_synth_takes_its_workers_with_it(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "gwi.physics.synth", "--family", "FlatVel_A", "--n", "40", "--per-file", "10",
-                                "--workers", "2", "--threads", "1", "--out", str(tmp_path / "synth")],
+                                "--workers", "2", "--threads", "1", "--batch-size", "1", "--out", str(tmp_path / "synth")],
                                cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and len(workers := children(process.pid)) < 2:
-        time.sleep(0.1)
-    time.sleep(1)  # the workers are simulating
+    progress = b""
+    while not re.search(rb"\b[1-9]\d*/40\b", progress):  # a worker has simulated a sample: both are at work
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, progress.decode(errors="replace")
+        progress += chunk
     workers = children(process.pid)
     assert len(workers) >= 2, workers
     process.kill()
     process.wait(timeout=10)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(map(alive, workers)):
         time.sleep(0.1)
     left = [pid for pid in workers if alive(pid)]
