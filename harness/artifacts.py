@@ -11,7 +11,6 @@ returns, so the loop may replace the directory at once; online the upload then r
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import wandb
 
 from harness.checkpoint import read_meta
 from harness.errors import UserError
-from harness.tracking import has_wandb_credentials, wandb_server_unreachable
+from harness.tracking import configured_wandb_mode, has_wandb_credentials, wandb_server_unreachable
 
 ARTIFACT_TYPE = "model"
 SPEC_PREFIX = "wandb:"
@@ -86,10 +85,10 @@ def resolve_checkpoint(spec: str) -> str:
                         "e.g. wandb:my-team/kagglerig/model-1a2b3c4d:best")
     fetch_elsewhere = (f"or fetch it where W&B is reachable (`wandb artifact get {reference} --root DIR`) "
                        "and pass --checkpoint DIR")
-    mode = os.environ.get("WANDB_MODE", "")
-    if mode in ("offline", "dryrun", "disabled"):
-        raise UserError(f"--checkpoint {spec}: W&B is {mode} here (WANDB_MODE={mode}) and cannot download "
-                        f"artifacts: unset WANDB_MODE, {fetch_elsewhere}")
+    mode = configured_wandb_mode("online")
+    if mode != "online":
+        raise UserError(f"--checkpoint {spec}: W&B is {mode} here (WANDB_MODE / WANDB_DISABLED) and cannot download "
+                        f"artifacts: unset them, {fetch_elsewhere}")
     if not has_wandb_credentials():
         raise UserError(f"--checkpoint {spec}: downloading a W&B artifact needs an API key (WANDB_API_KEY "
                         f"or `wandb login`): none found; log in, {fetch_elsewhere}")

@@ -35,14 +35,22 @@ def key_table(task_name: str) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def print_help(config_path: str | os.PathLike, usage: str) -> int:
+    """The usage text and every config key of the config's task (type, default, meaning)."""
+    task = read_yaml(config_path).get("task", "gwi")
+    lines = [usage.strip(), "", f"Config keys for task {task!r} (key, type, default):"]
+    lines += [f"  {key:30s} {type_text:30s} {default:14s} {description}" for key, type_text, default, description in key_table(task)]
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:  # `train.py --help | head` closed the pipe early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit raises it again
+    return 0
+
+
 def run_cli(argv: list[str], command, usage: str) -> int:
     try:
         if argv and argv[0] in ("-h", "--help"):
-            task = read_yaml(argv[1] if len(argv) > 1 else DEFAULT_CONFIG).get("task", "gwi")
-            print(usage.strip() + f"\n\nConfig keys for task {task!r} (key, type, default):")
-            for key, type_text, default, description in key_table(task):
-                print(f"  {key:30s} {type_text:30s} {default:14s} {description}")
-            return 0
+            return print_help(argv[1] if len(argv) > 1 else DEFAULT_CONFIG, usage)
         config_path, overrides = split_args(argv)
         cfg = load_config(config_path, overrides)
         sweep_trial_output_dir(cfg)

@@ -165,7 +165,7 @@ def train(cfg: BaseRunConfig) -> dict:
         uploader.last_saved(checkpointer.save_last(weights_for_inference, meta), state.step)
         saved["step"] = state.step
 
-    def keep_work_before(err: UserError) -> str:
+    def keep_work_before() -> str:
         """Save `last` as of the last completed update (a partly accumulated update is dropped and
         its batches are read again on resume); say what was saved."""
         if accelerator.num_processes > 1:  # the other processes are not at this point: no collective save
@@ -274,7 +274,7 @@ def train(cfg: BaseRunConfig) -> dict:
             raise
         # Bad data met mid-run (a NaN sample, a damaged file): keep the work done up to the last
         # completed update, then fail naming the file (exit 1: the run stopped, the input needs fixing).
-        raise RunFailed(f"{user_message(err)}; {keep_work_before(err)}") from None
+        raise RunFailed(f"{user_message(err)}; {keep_work_before()}") from None
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)

@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlparse, urlsplit
+from urllib.parse import urlparse
 
 import wandb
+from wandb.sdk import wandb_setup
 from tqdm.auto import tqdm
 
 from harness.errors import ConfigError
@@ -58,12 +59,10 @@ def wandb_server_unreachable() -> tuple[str, str | None]:
     None when it opens). wandb's client retries a refused connection with back-off for a minute or
     more; a machine without network should hear so at once. Behind a proxy a direct connection
     proves nothing, so then the answer is None."""
-    from wandb.sdk import wandb_setup  # only asked when W&B is about to go online
-
     server = wandb_setup.singleton().settings.base_url
     if any(os.environ.get(name) for name in PROXY_VARIABLES):
         return server, None
-    parts = urlsplit(server)
+    parts = urlparse(server)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()

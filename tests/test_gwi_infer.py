@@ -97,7 +97,9 @@ def test_test_folder_errors_name_the_problem(tmp_path, gwi_smoke_run):
     empty.mkdir()
     (empty / "FlatVel_A").mkdir()
     result = run_entry("infer.py", "--checkpoint", gwi_smoke_run, "--data", empty, "--out", tmp_path / "s.csv")
-    assert result.returncode == 2 and f"--data {empty}: no data found; expected a test folder" in result.stderr
+    # Neither layout: the message says what a test folder and a labelled folder look like (issue 15).
+    assert result.returncode == 2 and f"--data {empty}: no data found; expected a test folder of <id>.npy files" in result.stderr
+    assert "<Family>/data/dataN.npy + <Family>/model/modelN.npy" in result.stderr
     bad = write_test_dir(tmp_path / "bad", ["aaa"])
     np.save(bad / "bbb.npy", np.zeros((5, 999, 70), np.float32))
     result = run_entry("infer.py", "--checkpoint", gwi_smoke_run, "--data", bad, "--out", tmp_path / "s.csv", "--num-workers", "1")

@@ -36,6 +36,7 @@ import multiprocessing as mp
 import os
 import re
 import sys
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,15 @@ def job_files(job: dict, shard: Shard) -> list[ShardFile]:
     return openfwi_files(Path(job["out"]), job["family"], shard, np.float16 if job["float16"] else np.float32, job["nt"], map_shape)
 
 
+def _exit_with_parent() -> None:
+    """In a worker process: end this process as soon as its parent is gone. A killed parent
+    (SIGKILL, or SIGTERM's default) runs no clean-up, and its spawned workers would otherwise
+    simulate on for minutes. The parent's sentinel becomes ready when the parent exits."""
+    parent = mp.parent_process()
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True, name="exit-with-parent").start()
+
+
 def write_shards(job: dict, shards: list[Shard], progress) -> None:
     for shard in shards:
         seismic, velocity = simulate_shard(job["family"], job["seed"], shard, nt=job["nt"], batch_size=job["batch_size"],
@@ -154,6 +164,7 @@ def write_shards(job: dict, shards: list[Shard], progress) -> None:
 
 
 def _worker(job: dict, shards: list[Shard], threads: int, queue) -> None:
+    _exit_with_parent()
     torch.set_num_threads(threads)
     write_shards(job, shards, queue.put)
 

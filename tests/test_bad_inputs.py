@@ -1,0 +1,254 @@
+"""Every bad input a user is likely to give gets a one-line message naming the thing, and its exit
+code, never a traceback. CASES is the list; the README's table "Bad input and faults" is generated
+from it (`python tests/test_bad_inputs.py` rewrites it) and a test keeps the two equal.
+
+Each case runs the real entry point in this process (train.py's `run_cli`, `infer.main`,
+`gwi.convert.main`, `gwi.physics.synth.main`) on tiny files made in a temporary folder; `{tmp}` in a
+command is that folder, `{run}` a trained gwi smoke run (shared, read only). To add a case: one
+`Case(...)` below (with a `setup` making its files if it needs any), then run this file.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from gwi_files import write_test_dir, write_tree  # noqa: E402
+
+SMOKE = "configs/smoke/gwi.yaml"
+QUIET = "log.wandb=disabled log.plot=false log.progress=none data.time_steps=64"
+FILES = f"data.source=files data.roots=[{{tmp}}/tree] trainer.batch_size=2 {QUIET} output_dir={{tmp}}/out"
+
+
+@dataclass(frozen=True)
+class Case:
+    input: str  # what the user did (the README's first column)
+    command: str  # entry point and arguments; {tmp} and {run} are filled in
+    message: str  # a fragment of the one error line
+    exit_code: int
+    setup: Callable[[Path, Path | None], None] | None = None  # (tmp, run): makes the files the command reads, in {tmp}
+    env: dict = field(default_factory=dict)
+
+    @property
+    def needs_run(self) -> bool:
+        return "{run}" in self.command or self.setup is run_without_best_meta
+
+
+# ---- files the cases read ---------------------------------------------------------------------------
+
+
+def tree(tmp: Path, run: Path | None) -> None:
+    write_tree(tmp / "tree")
+
+
+def tree_with_nan(tmp: Path, run: Path | None) -> None:  # met at step 3 of the smoke run below
+    write_tree(tmp / "tree")
+    path = tmp / "tree" / "FlatVel_A" / "data" / "data1.npy"
+    array = np.load(path)
+    array[1, 0, 0, 0] = np.nan
+    np.save(path, array)
+
+
+def tree_with_truncated_file(tmp: Path, run: Path | None) -> None:
+    write_tree(tmp / "tree")
+    path = tmp / "tree" / "CurveFault_A" / "seis2_1_0.npy"
+    path.write_bytes(path.read_bytes()[:5000])
+
+
+def tree_with_text_file(tmp: Path, run: Path | None) -> None:
+    write_tree(tmp / "tree")
+    (tmp / "tree" / "FlatVel_A" / "model" / "model2.npy").write_text("1500,1600\n")
+
+
+def tree_missing_partner(tmp: Path, run: Path | None) -> None:
+    write_tree(tmp / "tree")
+    (tmp / "tree" / "CurveFault_A" / "vel2_1_0.npy").unlink()
+
+
+def kaggle_folder(tmp: Path, run: Path | None) -> None:
+    write_test_dir(tmp / "test", ["a1", "b2"])
+
+
+def kaggle_truncated(tmp: Path, run: Path | None) -> None:
+    kaggle_folder(tmp, run)
+    path = tmp / "test" / "b2.npy"
+    path.write_bytes(path.read_bytes()[:3000])
+
+
+def kaggle_text(tmp: Path, run: Path | None) -> None:
+    kaggle_folder(tmp, run)
+    (tmp / "test" / "b2.npy").write_text("id,value\n1,2\n")
+
+
+def empty_dir(tmp: Path, run: Path | None) -> None:
+    (tmp / "empty").mkdir()
+
+
+def a_file(tmp: Path, run: Path | None) -> None:
+    (tmp / "file.txt").write_text("not a folder\n")
+
+
+def kaggle_and_file(tmp: Path, run: Path | None) -> None:
+    kaggle_folder(tmp, run)
+    a_file(tmp, run)
+
+
+def tree_and_file(tmp: Path, run: Path | None) -> None:
+    tree(tmp, run)
+    a_file(tmp, run)
+
+
+def run_without_best_meta(tmp: Path, run: Path | None) -> None:
+    shutil.copytree(run, tmp / "run")
+    (tmp / "run" / "checkpoints" / "best" / "meta.json").unlink()
+
+
+INFER = "infer.py --checkpoint {run} --num-workers 0"
+
+CASES = [
+    # train.py: config keys and values
+    Case("an unknown key", f"train.py {SMOKE} optim.lrr=0.1", "unknown key 'optim.lrr'; nearest valid keys: optim.lr", 2),
+    Case("a word for a number", f"train.py {SMOKE} trainer.epochs=three", "key 'trainer.epochs': expected int, got 'three'", 2),
+    Case("a boolean for a number", f"train.py {SMOKE} trainer.epochs=true",
+         "key 'trainer.epochs': expected a number, got true (a YAML boolean", 2),
+    Case("zero epochs", f"train.py {SMOKE} trainer.epochs=0", "key 'trainer.epochs': expected int, got 0", 2),
+    Case("a config file that does not exist", "train.py nosuch.yaml", "config file 'nosuch.yaml' not found", 2),
+    Case("an unknown task", f"train.py {SMOKE} task=nosuch", "key 'task': unknown task 'nosuch'; known tasks: cnn, gwi", 2),
+    Case("a batch larger than the training set", f"train.py {SMOKE} trainer.batch_size=1000 data.num_train=16 {QUIET} "
+         "output_dir={tmp}/out", "key 'trainer.batch_size': 1000 is larger than the training set (16 samples)", 2),
+    Case("an unknown WANDB_MODE", f"train.py {SMOKE} {QUIET} output_dir={{tmp}}/out", "WANDB_MODE='sometimes': expected "
+         "online, offline or disabled", 2, env={"WANDB_MODE": "sometimes"}),
+    # train.py: training data
+    Case("data.source=files without data.roots", f"train.py {SMOKE} data.source=files {QUIET} output_dir={{tmp}}/out",
+         "key 'data.roots': data.source=files needs at least one folder of training data", 2),
+    Case("a seismic file without its velocity file", f"train.py {SMOKE} {FILES}", "seis2_1_0.npy: no matching velocity file",
+         2, tree_missing_partner),
+    Case("a truncated .npy under data.roots", f"train.py {SMOKE} {FILES}", "seis2_1_0.npy: not a readable .npy file", 2,
+         tree_with_truncated_file),
+    Case("a text file named .npy under data.roots", f"train.py {SMOKE} {FILES}", "model2.npy: not a readable .npy file", 2,
+         tree_with_text_file),
+    Case("a NaN sample under data.roots (met mid-epoch)", f"train.py {SMOKE} {FILES} data.flip=false",
+         "data1.npy: sample 1 contains NaN or inf values; the run stopped; saved", 1, tree_with_nan),
+    # infer.py
+    Case("--out is a directory (checked before predicting a folder with a damaged file)",
+         INFER + " --data {tmp}/test --out {tmp}", "--out {tmp}: is a directory; give a file path", 2, kaggle_truncated),
+    Case("--out inside a file", INFER + " --data {tmp}/test --out {tmp}/file.txt/sub.csv",
+         "{tmp}/file.txt is a file, not a folder", 2, kaggle_and_file),
+    Case("a truncated .npy in a test folder", INFER + " --data {tmp}/test --out {tmp}/sub.csv",
+         "b2.npy: not a readable .npy file", 2, kaggle_truncated),
+    Case("a text file named .npy in a test folder", INFER + " --data {tmp}/test --out {tmp}/sub.csv",
+         "b2.npy: not a readable .npy file", 2, kaggle_text),
+    Case("an empty --data folder", INFER + " --data {tmp}/empty --out {tmp}/sub.csv",
+         "--data {tmp}/empty: empty; expected a test folder of <id>.npy files", 2, empty_dir),
+    Case("--save-predictions with a test folder", INFER + " --data {tmp}/test --out {tmp}/sub.csv --save-predictions {tmp}/p.npy",
+         "--save-predictions: {tmp}/test is a test folder", 2, kaggle_folder),
+    Case("--num-workers -1", INFER + " --data {tmp}/test --num-workers -1",
+         "argument --num-workers: expected a value >= 0, got -1", 2),
+    Case("--batch-size 0", INFER + " --data {tmp}/test --batch-size 0", "argument --batch-size: expected a value >= 1, got 0", 2),
+    Case("a physics option without its switch", INFER + " --data {tmp}/test --refine-tv 1",
+         "--refine-tv / --refine-lr: they only act with --refine-steps N", 2),
+    Case("--checkpoint of a folder without checkpoints", "infer.py --checkpoint {tmp}", "no complete checkpoint", 2),
+    Case("--checkpoint of a run whose best/meta.json is missing", "infer.py --checkpoint {tmp}/run",
+         "checkpoints/best' is incomplete (no meta.json", 2, run_without_best_meta),
+    Case("a malformed W&B artifact name", "infer.py --checkpoint wandb:team/model",
+         "--checkpoint wandb:team/model: expected wandb:ENTITY/PROJECT/NAME:ALIAS", 2),
+    # python -m gwi.convert, python -m gwi.physics.synth
+    Case("convert: DST is a file", "gwi.convert {tmp}/tree {tmp}/file.txt", "DST {tmp}/file.txt: exists and is not a folder", 2,
+         tree_and_file),
+    Case("convert: DST is SRC", "gwi.convert {tmp}/tree {tmp}/tree", "DST {tmp}/tree is SRC", 2, tree),
+    Case("synth: an unknown family", "gwi.physics.synth --family Nope --n 4 --out {tmp}/s", "--family 'Nope': unknown", 2),
+]
+
+
+# ---- running a case ------------------------------------------------------------------------------------
+
+
+def entry_point(name: str):
+    if name == "train.py":
+        from harness.cli import run_cli
+        from harness.loop import train
+
+        return lambda argv: run_cli(argv, train, "usage")  # the same call as train.py's
+    if name == "infer.py":
+        import infer
+
+        return infer.main
+    if name == "gwi.convert":
+        from gwi.convert import main
+
+        return main
+    if name == "gwi.physics.synth":
+        from gwi.physics.synth import main
+
+        return main
+    raise ValueError(f"unknown entry point {name!r}")
+
+
+def run_case(case: Case, tmp: Path, run: Path | None, capsys) -> tuple[int, str]:
+    if case.setup is not None:
+        case.setup(tmp, run)
+    name, *argv = shlex.split(case.command.format(tmp=tmp, run=run))
+    try:
+        code = entry_point(name)(argv)
+    except SystemExit as stop:  # argparse
+        code = stop.code
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def smoke_run_if_needed(request):
+    case = request.getfixturevalue("case")
+    return request.getfixturevalue("gwi_smoke_run") if case.needs_run else None
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("case", CASES, ids=[c.input for c in CASES])
+def test_bad_input_gives_one_line_naming_it(case, tmp_path, smoke_run_if_needed, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    code, err = run_case(case, tmp_path, smoke_run_if_needed, capsys)
+    errors = [line for line in err.splitlines() if line.startswith(("error: ", "run failed: "))]
+    assert len(errors) == 1, err
+    assert case.message.format(tmp=tmp_path) in errors[0], err
+    assert code == case.exit_code, err
+    assert "Traceback" not in err, err
+
+
+# ---- the README's table --------------------------------------------------------------------------------
+
+BLOCK = re.compile(r"(<!-- bad-inputs -->\n).*?(<!-- /bad-inputs -->)", re.S)
+
+
+def readme_table() -> str:
+    lines = [f"{len(CASES)} bad inputs, each run by `tests/test_bad_inputs.py` ({{tmp}}: a folder of test files):", "",
+             "| input | message (part) | exit |", "|---|---|---|"]
+    lines += [f"| {c.input} | `{c.message}` | {c.exit_code} |" for c in CASES]
+    return "\n".join(lines) + "\n"
+
+
+def render(text: str) -> str:
+    return BLOCK.sub(lambda m: m.group(1) + readme_table() + m.group(2), text)
+
+
+def test_readme_lists_every_case():
+    text = (ROOT / "README.md").read_text()
+    assert BLOCK.search(text), "README has no <!-- bad-inputs --> table"
+    assert text == render(text), "README's bad-input table is stale: run `python tests/test_bad_inputs.py`"
+
+
+if __name__ == "__main__":
+    readme = ROOT / "README.md"
+    readme.write_text(render(readme.read_text()))
+    print(f"updated {readme} ({len(CASES)} cases)")
