@@ -126,8 +126,11 @@ def train(cfg: BaseRunConfig) -> dict:
     def stop_wanted() -> bool:
         return bool(stop_requested) or (deadline is not None and time.monotonic() > deadline)
 
-    def stop_evaluation() -> bool:  # asked before every evaluation batch; every process gets the same answer
-        return any_process(accelerator, stop_wanted())[0]
+    def stop_evaluation() -> bool:
+        """Asked before every evaluation batch (every process gets the same answer). Only a signal
+        cuts an evaluation short: it means the machine is going away. The time budget is checked
+        between updates, so an evaluation it finds started is completed (max_minutes leaves a margin)."""
+        return any_process(accelerator, bool(stop_requested))[0]
 
     def evaluate_and_keep_best() -> dict | None:
         """The evaluation's values, or None when a stop request interrupted it (then nothing is kept,
@@ -141,7 +144,7 @@ def train(cfg: BaseRunConfig) -> dict:
             values |= {f"val/{k}": v for k, v in evaluate(accelerator, task, weights_for_inference, val_loader,
                                                           tc.channels_last, stop_evaluation).items()}
         except EvaluationStopped:
-            summary["stopped"] = stop_requested[0] if stop_requested else "max_minutes"
+            summary["stopped"] = stop_requested[0]
             return None
         state.eval_pending = False
         state.last_eval_step = state.step
