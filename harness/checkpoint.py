@@ -34,6 +34,7 @@ from harness.errors import ConfigError, RunFailed, UserError
 
 WEIGHTS = "weights.safetensors"  # the weights inference uses: the EMA copy when EMA is on
 META = "meta.json"
+DATA_ERROR_REASON = "data error"  # meta.json `reason` of a `last` saved because a bad sample stopped the run
 BEST_NAME = re.compile(r"^(\.old-)?best(_step\d+)?$")  # best, best_stepN, and `.old-best` from older versions
 KILL_AT_ENV = "KAGGLERIG_KILL_AT"
 LOW_SPACE_BYTES = 64 << 20  # a failed write with less free space than this was the disk filling up

@@ -175,7 +175,7 @@ def train(cfg: BaseRunConfig) -> dict:
             return f"`last` is not saved (several processes); the last checkpoint in {run_dir / 'checkpoints'} stays"
         state.batches_in_epoch = update_boundary
         if state.step > 0 and state.step != saved["step"]:
-            save_last("data error")
+            save_last(ckpt.DATA_ERROR_REASON)
         fix = "fix or remove the file, then run the same command again"
         if saved["step"] is None:
             return f"the run stopped before its first update, nothing was saved: {fix}"

@@ -110,6 +110,8 @@ def run_status(reason: str | None, since_last_metric_s: float, locked_runs: bool
         return "finished"
     if reason in STOPPED_REASONS:
         return f"stopped ({reason})"
+    if reason == ckpt.DATA_ERROR_REASON:  # the run stopped on a bad sample and waits for the data to be fixed
+        return f"failed ({reason})"
     if locked_runs:  # no live holder: the process is gone
         return "crashed"
     return "running" if since_last_metric_s < RUNNING_WINDOW_S else "crashed"

@@ -20,7 +20,7 @@ from harness import rundir
 from harness.config import load_config
 from harness.loop import train
 from harness.plots import plot_metrics
-from harness.runs import read_run
+from harness.runs import read_run, run_status
 from harness.tracking import read_metrics as read_metrics_file
 
 
@@ -122,3 +122,9 @@ def test_every_metrics_reader_skips_bad_lines_alike(tmp_path):
     table_row = read_run(run, tmp_path, time.time())
     assert (table_row.steps, table_row.best, table_row.best_step) == (4, 0.9, 4)
     assert val_mae_curve(run) == [300.0, 200.0]
+
+
+def test_a_run_stopped_by_a_bad_sample_is_failed_not_running_or_crashed():
+    assert run_status(ckpt.DATA_ERROR_REASON, since_last_metric_s=0.0) == "failed (data error)"
+    assert run_status(ckpt.DATA_ERROR_REASON, since_last_metric_s=1e9, locked_runs=True) == "failed (data error)"
+    assert run_status(ckpt.DATA_ERROR_REASON, since_last_metric_s=0.0, held=True) == "running"  # resumed since
