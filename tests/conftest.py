@@ -9,7 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import infer
 import pytest
+from accelerate.state import AcceleratorState, GradientState
+
+from harness.cli import run_cli
+from harness.config import load_config
+from harness.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_CNN = ROOT / "configs" / "smoke" / "cnn.yaml"
@@ -17,14 +23,51 @@ SMOKE_GWI = ROOT / "configs" / "smoke" / "gwi.yaml"
 
 
 def clean_env(**extra) -> dict:
+    """The environment of an entry point run by a test: no launcher or W&B settings inherited, and one
+    OpenMP thread (the smoke runs' tensors are tiny; two spinning threads per process on a shared
+    2-core machine make a run many times slower)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
-    env.update(PYTHONUNBUFFERED="1", WANDB_SILENT="true", **extra)
+    env.update({"PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", **extra})
     return env
 
 
 def run_entry(script: str, *args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env or clean_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def reset_accelerate_state() -> None:
+    """Forget this process's Accelerate state, as Accelerate's own test cases do between tests: it is a
+    singleton whose mixed precision cannot change once set, so an in-process run with another
+    trainer.mixed_precision than an earlier one needs a fresh one."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    reset_accelerate_state()
+
+
+def train_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """What `python train.py ARGS` does (harness.cli.run_cli), in this process, with its exit code and
+    output as run_entry returns them: a subprocess costs seconds of imports, so tests use it only
+    where the process itself (signals, exit codes from the shell, the environment) is what they check."""
+    reset_accelerate_state()
+    capsys.readouterr()
+    code = run_cli([str(arg) for arg in args], train, "")
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["train.py", *map(str, args)], code, out, err)
+
+
+def infer_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """What `python infer.py ARGS` does, in this process (see train_here)."""
+    reset_accelerate_state()
+    capsys.readouterr()
+    code = infer.main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["infer.py", *map(str, args)], code, out, err)
 
 
 def accelerate_launch(nproc: int, script: str, *args: str, timeout: float = 300, module: bool = False) -> subprocess.CompletedProcess:
@@ -124,9 +167,6 @@ def one_thread():
 @pytest.fixture(scope="session")
 def gwi_smoke_run(tmp_path_factory):
     """A gwi smoke run trained once for the whole session (one epoch); tests only read it."""
-    from harness.config import load_config
-    from harness.loop import train
-
     run = tmp_path_factory.mktemp("gwi_run")
     train(load_config(SMOKE_GWI, [f"output_dir={run}", "trainer.epochs=1", "log.wandb=disabled", "data.time_steps=64",
                                   "log.plot=false"]))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SMOKE_CNN, clean_env, read_metrics, run_entry, wandb_artifacts, wandb_run
+from conftest import SMOKE_CNN, clean_env, read_metrics, run_entry, train_here, wandb_artifacts, wandb_run
 from harness import checkpoint as ckpt
 from harness.artifacts import resolve_checkpoint
 from harness.errors import UserError
@@ -66,8 +66,8 @@ def test_checkpoints_are_logged_as_model_artifacts_once_complete(which, tmp_path
     assert '"step": 8' in first_meta.read_text() and ckpt.read_meta(final)["step"] == 16
 
 
-def test_uploads_without_wandb_are_a_config_error(tmp_path):
-    result = run_entry("train.py", SMOKE_CNN, f"output_dir={tmp_path}", "log.wandb=disabled", "log.upload_checkpoints=best")
+def test_uploads_without_wandb_are_a_config_error(tmp_path, capsys):
+    result = train_here(capsys, SMOKE_CNN, f"output_dir={tmp_path}", "log.wandb=disabled", "log.upload_checkpoints=best")
     assert result.returncode == 2
     assert "log.upload_checkpoints=best logs W&B artifacts" in result.stderr and "Traceback" not in result.stderr
 

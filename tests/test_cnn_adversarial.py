@@ -1,17 +1,16 @@
 """cnn adversarial: FGSM and PGD against a small trained model (they break it, PGD at least as hard,
 restarts never weaker, within the eps ball and the pixel box, also under bf16 autocast), free
-adversarial training's persistent perturbation, the `adversarial` config keys, and train.py end to
-end in each training mode with val/robust_acc, where adversarial training beats plain training."""
+adversarial training's persistent perturbation, the `adversarial` config keys, and the shared loop
+end to end in each training mode with val/robust_acc, where adversarial training beats plain training."""
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SMOKE_CNN, accelerate_launch, clean_env, read_metrics, run_entry
+from conftest import SMOKE_CNN, accelerate_launch, read_metrics, reset_accelerate_state
 from test_cnn_data import accept_written_cifar, gratings, write_cifar
 from cnn.adversarial import FreePerturbation, RobustOutputs, fgsm, pgd
 from cnn.models import create_model
@@ -212,7 +211,7 @@ def test_plain_runs_are_unchanged_and_robust_evaluation_returns_both_logits(mode
     assert robust.loss(outputs, batch).item() == pytest.approx(plain.loss(model(batch[0]), batch).item())
 
 
-# ---- train.py end to end -----------------------------------------------------------------------------
+# ---- the loop end to end ------------------------------------------------------------------------------
 
 EPOCHS, BATCHES = 6, 8  # smoke config: 256 training images in batches of 32
 # The same data, seed and number of updates in each mode, all evaluated under PGD-10 at EPS; a stronger
@@ -228,21 +227,16 @@ RUNS = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, list[dict]]:
-    """The metrics of a run in each mode: the adversarial ones by train.py, two at a time with one
-    thread each (most of such a run is the interpreter starting), the plain baseline in this process
-    meanwhile."""
+def runs(tmp_path_factory, one_thread) -> dict[str, list[dict]]:
+    """The metrics of a run in each mode, trained in this process as train.py trains (its command line
+    is tested elsewhere; here a process start would cost more than the run)."""
     def run(name: str) -> list[dict]:
         run_dir = tmp_path_factory.mktemp(name)
-        result = run_entry("train.py", SMOKE_CNN, f"output_dir={run_dir}", *COMMON, *RUNS[name], env=clean_env(OMP_NUM_THREADS="1"))
-        assert result.returncode == 0, f"{name}: {result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        reset_accelerate_state()  # the pgd run's bf16 after the others' full precision
+        train(load_config(SMOKE_CNN, [f"output_dir={run_dir}", *COMMON, *RUNS[name]]))
         return read_metrics(run_dir)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        adversarial = {name: pool.submit(run, name) for name in RUNS if name != "plain"}
-        plain_dir = tmp_path_factory.mktemp("plain")
-        train(load_config(SMOKE_CNN, [f"output_dir={plain_dir}", *COMMON, *RUNS["plain"]]))
-        return {"plain": read_metrics(plain_dir)} | {name: future.result() for name, future in adversarial.items()}
+    return {name: run(name) for name in RUNS}
 
 
 @pytest.mark.parametrize("name", RUNS)

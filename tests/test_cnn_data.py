@@ -16,7 +16,7 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader
 
-from conftest import SMOKE_CNN, clean_env, read_metrics, run_entry
+from conftest import SMOKE_CNN, read_metrics, train_here
 from cnn.data import DeviceImageSet, ImageSet, albumentations_pipeline, collate, read_split, split_train_val, synthetic_images
 from cnn.models import create_model
 from cnn.task import CnnData
@@ -130,7 +130,7 @@ def test_validation_is_a_seeded_hold_out_or_the_test_split(mnist_root):
         task.build_datasets(load_config(SMOKE_CNN, ["data.source=mnist", f"data.root={mnist_root}", "data.val_size=320"]))
 
 
-def test_missing_data_is_a_user_error_naming_root_and_files(tmp_path):
+def test_missing_data_is_a_user_error_naming_root_and_files(tmp_path, capsys):
     with pytest.raises(UserError) as err:
         read_split("cifar10", str(tmp_path / "nowhere"), train=True, download=False)
     message = str(err.value)
@@ -139,8 +139,7 @@ def test_missing_data_is_a_user_error_naming_root_and_files(tmp_path):
     with pytest.raises(UserError, match=r"MNIST/raw.*train-images-idx3-ubyte.*t10k-labels-idx1-ubyte"):
         read_split("mnist", str(tmp_path), train=True, download=False)
     # The entry point: exit 2, the message, no traceback.
-    result = run_entry("train.py", SMOKE_CNN, f"output_dir={tmp_path / 'run'}", "data.source=cifar100", f"data.root={tmp_path}",
-                       env=clean_env(OMP_NUM_THREADS="1"))
+    result = train_here(capsys, SMOKE_CNN, f"output_dir={tmp_path / 'run'}", "data.source=cifar100", f"data.root={tmp_path}")
     assert result.returncode == 2, result.stderr
     assert "CIFAR-100 not found" in result.stderr and "cifar-100-python" in result.stderr and "Traceback" not in result.stderr
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_entry
+from conftest import infer_here, run_entry
 from gwi.data import SeismicPairs
 from gwi.layout import find_pairs
 from gwi.submission import HEADER, format_rows, validate_submission
@@ -75,10 +75,10 @@ def _write(path, ids):
     return path
 
 
-def test_labelled_folder_reports_per_family_mae_and_saves_predictions(tmp_path, gwi_smoke_run):
+def test_labelled_folder_reports_per_family_mae_and_saves_predictions(tmp_path, gwi_smoke_run, capsys):
     tree = write_tree(tmp_path / "labelled")
     saved = tmp_path / "oof.npy"
-    result = run_entry("infer.py", "--checkpoint", gwi_smoke_run, "--data", tree, "--save-predictions", saved, "--num-workers", "0")
+    result = infer_here(capsys, "--checkpoint", gwi_smoke_run, "--data", tree, "--save-predictions", saved, "--num-workers", "0")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     predictions = np.load(saved)
@@ -92,17 +92,17 @@ def test_labelled_folder_reports_per_family_mae_and_saves_predictions(tmp_path, 
     assert report["mae_odd"] == pytest.approx(np.abs(predictions - truth)[..., 1::2].mean(), rel=1e-5)
 
 
-def test_test_folder_errors_name_the_problem(tmp_path, gwi_smoke_run):
+def test_test_folder_errors_name_the_problem(tmp_path, gwi_smoke_run, capfd):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "FlatVel_A").mkdir()
-    result = run_entry("infer.py", "--checkpoint", gwi_smoke_run, "--data", empty, "--out", tmp_path / "s.csv")
+    result = infer_here(capfd, "--checkpoint", gwi_smoke_run, "--data", empty, "--out", tmp_path / "s.csv")
     # Neither layout: the message says what a test folder and a labelled folder look like (issue 15).
     assert result.returncode == 2 and f"--data {empty}: no data found; expected a test folder of <id>.npy files" in result.stderr
     assert "<Family>/data/dataN.npy + <Family>/model/modelN.npy" in result.stderr
     bad = write_test_dir(tmp_path / "bad", ["aaa"])
     np.save(bad / "bbb.npy", np.zeros((5, 999, 70), np.float32))
-    result = run_entry("infer.py", "--checkpoint", gwi_smoke_run, "--data", bad, "--out", tmp_path / "s.csv", "--num-workers", "1")
+    result = infer_here(capfd, "--checkpoint", gwi_smoke_run, "--data", bad, "--out", tmp_path / "s.csv", "--num-workers", "1")
     assert result.returncode == 2 and "bbb.npy: shape (5, 999, 70), expected (5, 1000, 70)" in result.stderr
     assert "Traceback" not in result.stderr  # raised in a DataLoader worker, reported as one line
     assert not (tmp_path / "s.csv").exists()

@@ -6,20 +6,15 @@ import json
 import subprocess
 import sys
 
-from conftest import SMOKE_GWI, clean_env
+from conftest import clean_env
 from gwi.kaggle import bundle, notebook_code
 from gwi.submission import HEADER, validate_submission
 from gwi_files import write_test_dir
-from harness.config import load_config
-from harness.loop import train
 
 
-def test_bundle_notebook_reproduces_a_submission_offline(tmp_path):
-    run = tmp_path / "run"
-    train(load_config(SMOKE_GWI, [f"output_dir={run}", "trainer.epochs=1", "log.wandb=disabled", "data.time_steps=64",
-                                  "log.plot=false"]))
+def test_bundle_notebook_reproduces_a_submission_offline(tmp_path, gwi_smoke_run):
     out = tmp_path / "bundle"
-    summary = bundle([str(run)], out, dependency_wheels=())
+    summary = bundle([str(gwi_smoke_run)], out, dependency_wheels=())
     assert [name.split("-")[0] for name in summary["wheels"]] == ["kagglerig"]
     (checkpoint,) = (out / "checkpoints").iterdir()
     assert sorted(p.name for p in checkpoint.iterdir()) == ["meta.json", "weights.safetensors"]

@@ -17,6 +17,8 @@ from gwi.synthetic import layered_velocity, reflection_seismic
 from gwi.task import GwiData, GwiLoss, GwiModel, GwiTask
 from harness.task import get_task
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def make_cfg(data=None, model=None, loss=None, seed=0):
     return types.SimpleNamespace(data=data or GwiData(num_train=8, num_val=4, time_steps=64),

@@ -6,13 +6,13 @@ import json
 import pytest
 
 import infer
-from conftest import SMOKE_GWI, read_metrics, run_entry
+from conftest import SMOKE_GWI, infer_here, read_metrics, run_entry, train_here
 from harness import checkpoint as ckpt
 
 
-def test_gwi_smoke_run_then_infer_reproduces_the_best_metric(tmp_path):
+def test_gwi_smoke_run_then_infer_reproduces_the_best_metric(tmp_path, capsys):
     run = tmp_path / "gwi"
-    result = run_entry("train.py", SMOKE_GWI, f"output_dir={run}", "log.wandb=disabled")
+    result = train_here(capsys, SMOKE_GWI, f"output_dir={run}", "log.wandb=disabled")
     assert result.returncode == 0, result.stderr
     evals = [r for r in read_metrics(run) if "val/mae" in r]
     assert evals and all(0 < r["val/mae"] < 3000 and 0 < r["val/mae_odd"] < 3000 for r in evals)
@@ -21,18 +21,18 @@ def test_gwi_smoke_run_then_infer_reproduces_the_best_metric(tmp_path):
 
     best = ckpt.read_meta(ckpt.resolve(run))
     assert best["monitor_value"] == min(r["val/mae"] for r in evals)
-    single = run_entry("infer.py", "--checkpoint", run)
+    single = run_entry("infer.py", "--checkpoint", run)  # the command itself, from the shell
     assert single.returncode == 0, single.stderr
     assert json.loads(single.stdout)["val/mae"] == pytest.approx(best["monitor_value"], rel=1e-5)
 
     # Two checkpoints average into an ensemble (best + last differ, so the metric is its own).
-    both = run_entry("infer.py", "--checkpoint", run, "--checkpoint", run / "checkpoints" / "last", "--batch-size", "5")
+    both = infer_here(capsys, "--checkpoint", run, "--checkpoint", run / "checkpoints" / "last", "--batch-size", "5")
     assert both.returncode == 0, both.stderr
     assert len(json.loads(both.stdout)["checkpoints"]) == 2
 
 
-def test_infer_names_a_missing_checkpoint(tmp_path):
-    result = run_entry("infer.py", "--checkpoint", tmp_path / "nothing")
+def test_infer_names_a_missing_checkpoint(tmp_path, capsys):
+    result = infer_here(capsys, "--checkpoint", tmp_path / "nothing")
     assert result.returncode == 2
     assert f"--checkpoint {tmp_path / 'nothing'}: no complete checkpoint" in result.stderr and "Traceback" not in result.stderr
 

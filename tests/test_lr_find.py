@@ -254,9 +254,9 @@ def test_command_writes_png_and_csv_prints_the_suggestion_and_exits_0(tmp_path):
 
 
 def test_user_mistakes_exit_2_with_one_line_and_no_traceback(tmp_path, capsys):
-    result = run_command(SMOKE_CNN, f"output_dir={tmp_path}", "optim.lrr=0.1")
-    assert result.returncode == 2
-    assert "unknown key 'optim.lrr'" in result.stderr and "Traceback" not in result.stderr
+    assert cnn_lr_find.main([str(SMOKE_CNN), f"output_dir={tmp_path}", "optim.lrr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'optim.lrr'" in err and "Traceback" not in err
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
     for argv, message in [([str(SMOKE_CNN), "--steps=abc"], "--steps"),
                           ([str(SMOKE_CNN), "--end-lr", "1e-9"], "--end-lr must be larger"),

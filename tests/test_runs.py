@@ -20,13 +20,27 @@ from harness import rundir
 from harness.config import load_config
 from harness.loop import train
 from harness.plots import plot_metrics
-from harness.runs import read_run, run_status
+from harness.runs import main as runs_main, read_run, run_status
 from harness.tracking import read_metrics as read_metrics_file
 
 
-def runs_cli(*args, columns: int = 200) -> subprocess.CompletedProcess:
+def runs_from_the_shell(*args, columns: int = 200) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "harness.runs", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env=clean_env(COLUMNS=str(columns)))
+
+
+@pytest.fixture
+def runs_cli(capsys, monkeypatch):
+    """`python -m harness.runs ARGS` run in this process (harness.runs.main), its exit code and output as
+    runs_from_the_shell returns them: a process start would cost more than the command."""
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def run(*args) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = runs_main([str(arg) for arg in args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["harness.runs", *map(str, args)], code, out, err)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +60,7 @@ def csv_rows(text: str) -> list[dict]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
-def test_csv_has_one_row_per_run_best_first_with_the_keys_that_differ(outputs):
+def test_csv_has_one_row_per_run_best_first_with_the_keys_that_differ(outputs, runs_cli):
     result = runs_cli(outputs, "--csv")
     assert result.returncode == 0, result.stderr
     rows = csv_rows(result.stdout)
@@ -66,7 +80,7 @@ def test_csv_has_one_row_per_run_best_first_with_the_keys_that_differ(outputs):
     assert by_name["budget"]["status"] == "stopped (max_minutes)" and int(by_name["budget"]["steps"]) == stopped["step"] < 16
 
 
-def test_table_is_printed_with_rich_and_csv_goes_to_a_path(outputs, tmp_path):
+def test_table_is_printed_with_rich_and_csv_goes_to_a_path(outputs, tmp_path, runs_cli):
     result = runs_cli(outputs, "--csv", tmp_path / "runs.csv")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -78,26 +92,27 @@ def test_table_is_printed_with_rich_and_csv_goes_to_a_path(outputs, tmp_path):
 
 
 def test_a_run_without_its_final_save_is_running_while_its_lock_is_held_then_crashed(outputs, tmp_path):
+    # From the shell: the lock is held by this process, which a check in the same process would not see.
     # A copy of a finished run whose last save is an epoch's: what a lost machine leaves behind.
     shutil.copytree(outputs / "lr-slow", tmp_path / "lost")
     meta_path = tmp_path / "lost" / "checkpoints" / "last" / ckpt.META
     meta_path.write_text(json.dumps({**ckpt.read_meta(meta_path.parent), "reason": "epoch"}))
     lock = rundir.RunLock(tmp_path / "lost")  # this process plays the live run
     lock.acquire()
-    assert csv_rows(runs_cli(tmp_path, "--csv").stdout)[0]["status"] == "running"
+    assert csv_rows(runs_from_the_shell(tmp_path, "--csv").stdout)[0]["status"] == "running"
     lock.release()
-    assert csv_rows(runs_cli(tmp_path, "--csv").stdout)[0]["status"] == "crashed"  # no live holder, fresh metrics or not
+    assert csv_rows(runs_from_the_shell(tmp_path, "--csv").stdout)[0]["status"] == "crashed"  # no live holder, fresh metrics or not
 
     # A run from before locks existed (no .lock): the time of its last metrics decides.
     (tmp_path / "lost" / rundir.LOCK).unlink()
-    assert csv_rows(runs_cli(tmp_path, "--csv").stdout)[0]["status"] == "running"
+    assert csv_rows(runs_from_the_shell(tmp_path, "--csv").stdout)[0]["status"] == "running"
     hour_ago = time.time() - 3600
     os.utime(tmp_path / "lost" / "metrics.jsonl", (hour_ago, hour_ago))
-    assert csv_rows(runs_cli(tmp_path, "--csv").stdout)[0]["status"] == "crashed"
+    assert csv_rows(runs_from_the_shell(tmp_path, "--csv").stdout)[0]["status"] == "crashed"
 
 
-def test_a_folder_without_runs_or_a_folder_as_csv_path_exits_2_naming_it(tmp_path):
-    result = runs_cli(tmp_path)
+def test_a_folder_without_runs_or_a_folder_as_csv_path_exits_2_naming_it(tmp_path, runs_cli):
+    result = runs_from_the_shell(tmp_path)  # the exit code as the shell sees it
     assert result.returncode == 2 and f"no runs under {str(tmp_path)!r}" in result.stderr
     result = runs_cli(tmp_path / "missing")
     assert result.returncode == 2 and "is not a folder" in result.stderr

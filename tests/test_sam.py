@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
-from conftest import SMOKE_CNN, read_metrics, run_entry
+from conftest import SMOKE_CNN, read_metrics, train_here
 from harness.config import validate
 from harness.loop import train
 from harness.sam import SharpnessAware
@@ -106,10 +106,10 @@ def test_sam_leaves_the_exact_weights_and_skips_a_nonfinite_gradient():
     assert sam.perturbation(layer) == []
 
 
-def test_sam_and_asam_train_the_cnn_under_bf16(tmp_path):
+def test_sam_and_asam_train_the_cnn_under_bf16(tmp_path, capsys):
     for name, extra in [("sam", []), ("asam", ["optim.sam_adaptive=true", "optim.sam_rho=1.0"])]:
-        result = run_entry("train.py", SMOKE_CNN, f"output_dir={tmp_path / name}", "log.wandb=disabled", "optim.sam_rho=0.05",
-                           "trainer.mixed_precision=bf16", "trainer.grad_clip=1.0", *extra)
+        result = train_here(capsys, SMOKE_CNN, f"output_dir={tmp_path / name}", "log.wandb=disabled", "optim.sam_rho=0.05",
+                            "trainer.mixed_precision=bf16", "trainer.grad_clip=1.0", *extra)
         assert result.returncode == 0, result.stderr
         evals = [row["val/acc"] for row in read_metrics(tmp_path / name) if "val/acc" in row]
         assert evals[-1] > 0.7, (name, evals)
@@ -140,8 +140,8 @@ def test_asam_scales_weights_but_not_biases_as_the_authors_code_does():
     assert all(torch.equal(p, w[name]) for name, p in model.named_parameters())
 
 
-def test_sam_with_grad_accumulation_is_refused(tmp_path):
-    result = run_entry("train.py", SMOKE_CNN, f"output_dir={tmp_path}", "optim.sam_rho=0.05", "trainer.grad_accum_steps=2")
+def test_sam_with_grad_accumulation_is_refused(tmp_path, capsys):
+    result = train_here(capsys, SMOKE_CNN, f"output_dir={tmp_path}", "optim.sam_rho=0.05", "trainer.grad_accum_steps=2")
     assert result.returncode == 2
     assert "optim.sam_rho" in result.stderr and "grad_accum_steps" in result.stderr and "Traceback" not in result.stderr
 

@@ -23,6 +23,10 @@ from harness.tracking import choose_run_id
 
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
 SWEEP_ID, RUN_ID = "sweep01x", "trial01x"
+# A trial is a real `accelerate launch` (two interpreters and W&B: the slowest tests here). The sam
+# sweep's runs the same base config as the cnn sweep's with SAM on (tests/test_sam.py trains SAM in
+# the loop), so its trial runs under make test-all.
+TRIAL_SWEEPS = [pytest.param(path, marks=pytest.mark.slow) if path.stem == "sam" else path for path in SWEEPS]
 # Small data and one epoch so a trial takes seconds on a CPU; the agent passes them like constant parameters.
 # gwi: the surrogate data, not the base config's simulated demo set (a minute to simulate on first use;
 # tests/test_gwi_simulated.py covers it).
@@ -160,7 +164,7 @@ def agent_trial(sweep: dict, values: dict, monkeypatch, tmp_path: Path) -> tuple
     return started["command"], started["env"]
 
 
-@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", TRIAL_SWEEPS, ids=lambda p: p.stem)
 def test_a_trial_started_as_the_agent_does_applies_logs_and_names_its_parameters(path, monkeypatch, tmp_path):
     sweep = load_sweep(path)
     config_path = base_config(sweep)
