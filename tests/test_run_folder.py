@@ -4,7 +4,6 @@ runs in-process; kills in forked children, so no run pays for a fresh interprete
 from __future__ import annotations
 
 import errno
-import json
 import multiprocessing
 import os
 import signal
@@ -20,7 +19,7 @@ from harness import checkpoint as ckpt
 from harness import rundir
 from harness.cli import run_cli
 from harness.config import load_config
-from harness.errors import ConfigError, RunFailed, UserError
+from harness.errors import ConfigError, UserError
 from harness.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
