@@ -28,7 +28,8 @@ def steps_that_set_a_new_best(run_dir: Path, monitor: str) -> list[int]:
     return steps
 
 
-@pytest.mark.parametrize("which", ["none", "best", "last"])
+# "best" in the default run; "none" and "last" under test-all.
+@pytest.mark.parametrize("which", [pytest.param("none", marks=pytest.mark.slow), "best", pytest.param("last", marks=pytest.mark.slow)])
 def test_checkpoints_are_logged_as_model_artifacts_once_complete(which, tmp_path):
     run_dir = tmp_path / "run"
     result = run_entry("train.py", SMOKE_CNN, f"output_dir={run_dir}", "trainer.epochs=2",
@@ -91,6 +92,7 @@ def test_a_wandb_checkpoint_without_an_api_key_says_so(monkeypatch, tmp_path):
         resolve_checkpoint(SPEC)
 
 
+@pytest.mark.slow  # the no-network case of the same path stays in the default run
 def test_infer_with_a_wandb_checkpoint_offline_exits_2_with_a_message():
     result = run_entry("infer.py", "--checkpoint", SPEC, env=clean_env(WANDB_MODE="offline"))
     assert result.returncode == 2

@@ -86,6 +86,8 @@ def test_encoder_input_keeps_receiver_x_above_map_column_x(name):
 # ---- learning ------------------------------------------------------------------------------------------
 
 
+# Under test-all; the default run trains inversionnet and the unet / hgnet_unet configs.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["unet", "convnext_unet"])
 def test_a_few_adam_steps_reduce_the_loss(name):
     samples = 2
@@ -244,7 +246,7 @@ def labelled_tree(tmp_path_factory):
 # 3-7 s each on 2 idle cores; convnext_unet's config (ConvNeXt-S, 54 M parameters) about 11 s and
 # caformer_unet's (CAFormer-S18) the slowest of the rest: both run under make test-all, while their
 # models' shapes, heads and weight loading are checked at small width above.
-@pytest.mark.parametrize("name", ["inversionnet", "unet", "hgnet_unet", pytest.param("convnext_unet", marks=pytest.mark.slow),
+@pytest.mark.parametrize("name", ["inversionnet", "unet", pytest.param("hgnet_unet", marks=pytest.mark.slow), pytest.param("convnext_unet", marks=pytest.mark.slow),
                                   pytest.param("caformer_unet", marks=pytest.mark.slow)])
 def test_config_trains_on_the_cpu(name, tmp_path, labelled_tree):
     cfg = load_config(ROOT / "configs" / "gwi" / f"{name}.yaml",

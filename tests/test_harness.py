@@ -70,6 +70,9 @@ def test_an_online_wandb_start_that_fails_is_retried_offline_once(capsys):
     assert with_offline_fallback("online", lambda mode: f"run ({mode})") == "run (online)"
 
 
+# Under test-all: the default run covers stop-save-resume through test_faults' SIGTERM-during-evaluation
+# run and test_run_folder's kill-and-resume points.
+@pytest.mark.slow
 def test_sigterm_then_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
     # Dropout and EMA make the RNG and EMA state matter; 2 accumulation steps make the stop land
     # on an update boundary mid-epoch; 10 epochs (80 updates) leave time to interrupt it after step 13.

@@ -26,7 +26,8 @@ SWEEP_ID, RUN_ID = "sweep01x", "trial01x"
 # A trial is a real `accelerate launch` (two interpreters and W&B: the slowest tests here). The sam
 # sweep's runs the same base config as the cnn sweep's with SAM on (tests/test_sam.py trains SAM in
 # the loop), so its trial runs under make test-all.
-TRIAL_SWEEPS = [pytest.param(path, marks=pytest.mark.slow) if path.stem == "sam" else path for path in SWEEPS]
+# The cnn trial runs by default; gwi's and sam's (the same agent path with other configs) under test-all.
+TRIAL_SWEEPS = [path if path.stem == "cnn" else pytest.param(path, marks=pytest.mark.slow) for path in SWEEPS]
 # Small data and one epoch so a trial takes seconds on a CPU; the agent passes them like constant parameters.
 # gwi: the surrogate data, not the base config's simulated demo set (a minute to simulate on first use;
 # tests/test_gwi_simulated.py covers it).
@@ -211,6 +212,8 @@ def test_a_trial_started_as_the_agent_does_applies_logs_and_names_its_parameters
     assert [row[metric] for row in history if metric in row] == pytest.approx([row[metric] for row in evaluations])
 
 
+# The default run keeps the preempted trial's exit-code test; this full requeue runs under test-all.
+@pytest.mark.slow
 def test_a_requeued_trial_resumes_its_checkpoint_and_keeps_its_wandb_run(tmp_path):
     """W&B requeues a preempted trial under the same run id: it continues its own checkpoint and run."""
     cnn = load_sweep(ROOT / "configs" / "sweeps" / "cnn.yaml")
