@@ -22,6 +22,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from harness.errors import is_main_process
+from harness.files import write_text_atomic
 
 PARAMETER_COLUMNS = ("name", "layer", "shape", "count", "trainable", "norm")
 
@@ -64,9 +65,7 @@ def report_parameters(model: nn.Module, cfg, run_dir: Path) -> Path | None:
     rows = parameter_rows(model)
     if cfg.log.progress != "none":
         print(format_parameter_table(rows, cfg.model.name), flush=True)
-    tmp = path.with_suffix(".csv.tmp")
-    tmp.write_text(parameter_csv(rows))
-    tmp.replace(path)
+    write_text_atomic(path, parameter_csv(rows))
     return path
 
 

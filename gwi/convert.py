@@ -13,7 +13,6 @@ is written, non-finite values when their file is converted; both errors name the
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from gwi.layout import MANIFEST, find_pairs, npy_writer
 from harness.errors import ArgumentParser, UserError, print_user_error
+from harness.files import write_text_atomic
 
 CHUNK = 50  # samples converted at a time: bounds memory to ~70 MB whatever the file size
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -77,11 +77,9 @@ def convert(src: Path, dst: Path) -> dict:
         "families": summarize(files),
         "files": files,
     }
-    tmp = dst / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
     for stats_file in dst.rglob("*.stats.json"):
         stats_file.unlink()
-    os.replace(tmp, dst / MANIFEST)
+    write_text_atomic(dst / MANIFEST, json.dumps(manifest, indent=1))  # last: it marks the copy finished
     return manifest
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from gwi.layout import SEISMIC_SAMPLE_SHAPE, VELOCITY_SAMPLE_SHAPE
 from gwi.physics.acoustic import DEFAULTS
 from gwi.physics.synth import PER_FILE, Shard, ShardFile, is_written, openfwi_files, simulate_shard, write_shard
 from harness.errors import UserError
+from harness.files import write_text_atomic
 
 SPLITS = ("train", "val", "test")
 SPEC_FILE = "spec.json"
@@ -143,9 +143,7 @@ def simulate(data) -> list[Piece]:
         return []
     if not (folder / SPEC_FILE).is_file():  # first: a half-made folder already says what it is for
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{SPEC_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(expected, indent=1))
-        os.replace(tmp, folder / SPEC_FILE)
+        write_text_atomic(folder / SPEC_FILE, json.dumps(expected, indent=1))
     total = sum(p.shard.count for p in todo)
     print(f"simulated data: simulating {total} of {sum(p.shard.count for p in plan(data))} samples "
           f"({', '.join(data.families)}) into {folder}; done once, then read from there", file=sys.stderr, flush=True)

@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from harness.errors import ConfigError, RunFailed, UserError
+from harness.files import TEMPORARY_SUFFIX, write_text_atomic
 
 WEIGHTS = "weights.safetensors"  # the weights inference uses: the EMA copy when EMA is on
 META = "meta.json"
@@ -69,10 +70,8 @@ def write_meta(directory: Path, meta: dict) -> None:
     # Written last and through a temporary file: its presence marks a finished checkpoint, and the
     # sizes it records let a resume tell a truncated or missing file from a good one.
     files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
-             if p.is_file() and p.name not in (META, META + ".tmp")}
-    tmp = directory / (META + ".tmp")
-    tmp.write_text(json.dumps({**meta, "files": files}, indent=1))
-    os.replace(tmp, directory / META)
+             if p.is_file() and p.name not in (META, META + TEMPORARY_SUFFIX)}
+    write_text_atomic(directory / META, json.dumps({**meta, "files": files}, indent=1))
 
 
 def read_meta(directory: Path) -> dict:

@@ -26,6 +26,7 @@ import yaml
 
 from harness import checkpoint as ckpt
 from harness.errors import ConfigError, RunFailed, UserError
+from harness.files import write_text_atomic
 from harness.tracking import parse_record
 
 LOCK = ".lock"
@@ -216,17 +217,9 @@ def drop_records_after(run_dir: Path, step: int) -> dict[str, int]:
             else:
                 kept.append(line)
         if lost:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
             dropped[path.name] = lost
     return dropped
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class RunFolder:
