@@ -24,10 +24,10 @@ demo: $(INSTALLED)
 	$(BIN)/python train.py
 
 test: $(INSTALLED)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-all: $(INSTALLED)
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "slow or not slow"
 
 bench: $(INSTALLED)
 	$(BIN)/python bench/loop_overhead.py

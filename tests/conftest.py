@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import infer
 import pytest
+import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from harness.cli import run_cli
@@ -44,6 +46,15 @@ def reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_xdist_worker():
+    """`make test` runs two pytest-xdist workers on a 2-core machine: a worker's torch ops get one
+    thread each, since two workers with two spinning OpenMP threads apiece are slower than one."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     yield
@@ -70,11 +81,20 @@ def infer_here(capsys, *args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["infer.py", *map(str, args)], code, out, err)
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def accelerate_launch(nproc: int, script: str, *args: str, timeout: float = 300, module: bool = False) -> subprocess.CompletedProcess:
-    """`accelerate launch` on CPU processes; module: `script` is a module name (accelerate launch -m)."""
+    """`accelerate launch` on CPU processes; module: `script` is a module name (accelerate launch -m).
+    Each launch rendezvouses on a free port: two launches on Accelerate's default port at once (two
+    pytest-xdist workers) would join each other's process group."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no"]
-    launcher += ["--multi_gpu", "--num_processes", str(nproc)] if nproc > 1 else ["--cpu", "--num_processes", "1"]
+    launcher += (["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(free_port())] if nproc > 1
+                 else ["--cpu", "--num_processes", "1"])
     target = ["-m", script] if module else [str(ROOT / script)]
     return subprocess.run([*launcher, *target, *map(str, args)], cwd=ROOT,
                           env=clean_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1"),
@@ -156,8 +176,6 @@ def wandb_artifacts(run_dir: Path) -> list[dict]:
 def one_thread():
     """Tiny tensors gain nothing from a second thread, and on a shared machine two spinning OpenMP
     threads are many times slower than one (use with pytestmark = pytest.mark.usefixtures)."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
