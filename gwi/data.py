@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from gwi import synthetic
-from gwi.layout import MAP_SIZE, SOURCE_X, TIME_STEPS, FilePair, find_pairs, split_pairs
+from gwi.layout import EXACT_FLIP_SOURCE_X, FIVE_OF_SIX, MAP_SIZE, SOURCE_X, TIME_STEPS, FilePair, find_pairs, split_pairs
 from gwi.simulated import simulated_data
 from harness.errors import UserError
 
@@ -84,12 +84,20 @@ class SeismicInput(nn.Module):
 
 def mirror(seismic, velocity):
     """Mirror one sample left-right: the velocity map's columns, the receivers, and the source
-    order. Source i's mirror is source 4 - i: exactly for the outer four (0 <-> 69, 17 <-> 52);
-    the middle source at x = 34 mirrors to x = 35, one cell off, as in OpenFWI's geometry.
-    Works on (5, T, 70) / (1, 70, 70) tensors or arrays."""
+    order. Of 5 sources, source i's mirror is source 4 - i: exactly for the outer four (0 <-> 69,
+    17 <-> 52); the middle source at x = 34 mirrors to x = 35, one cell off, as in OpenFWI's
+    geometry. Of 6 sources (EXACT_FLIP_SOURCE_X: x = 35 added) every one mirrors exactly: the
+    result is the 6-source gather of the mirrored map (`openfwi_sources` then takes its 5).
+    Works on (5 or 6, T, 70) / (1, 70, 70) tensors or arrays."""
     if isinstance(seismic, torch.Tensor):
         return seismic.flip(dims=(0, 2)), velocity.flip(dims=(2,))
     return seismic[::-1, :, ::-1], velocity[:, :, ::-1]
+
+
+def openfwi_sources(seismic):
+    """The 5 OpenFWI sources of a (6, T, 70) gather with the mirrored middle source (layout's
+    FIVE_OF_SIX); a 5-source gather unchanged."""
+    return seismic[list(FIVE_OF_SIX)] if seismic.shape[0] == len(EXACT_FLIP_SOURCE_X) else seismic
 
 
 def flip_decision(seed: int, epoch: int, index: int) -> bool:
@@ -162,6 +170,7 @@ class SeismicPairs(Dataset):
                 raise UserError(f"{source}: sample {row} contains NaN or inf values")
         if self.flip and flip_decision(self.seed, self.epoch, index):
             seismic, velocity = mirror(seismic, velocity)
+        seismic = openfwi_sources(seismic)
         return (torch.from_numpy(np.ascontiguousarray(seismic)), torch.from_numpy(np.ascontiguousarray(velocity)),
                 self.family_index[pair])
 

@@ -5,6 +5,9 @@ layouts of training data, read as (seismic, velocity) file pairs.
 Two layouts, per family folder (`<root>/<Family>/`), as in the Kaggle `train_samples/` and OpenFWI:
   Vel and Style families:  data/dataN.npy (n, 5, 1000, 70)  <->  model/modelN.npy (n, 1, 70, 70)
   Fault families:          seisX_Y_Z.npy  (n, 5, 1000, 70)  <->  velX_Y_Z.npy     (n, 1, 70, 70)
+Training seismic may also hold 6 sources (n, 6, 1000, 70), the mirrored middle one added
+(EXACT_FLIP_SOURCE_X; `python -m gwi.physics.synth --exact-flip`): read as the 5 OpenFWI sources,
+flipped exactly.
 Several roots may be combined (the competition samples plus external OpenFWI, say). Files are
 float32 or float16 (see `python -m gwi.convert`). Only headers are read here (memory maps), so
 discovery costs milliseconds whatever the data size; only the velocity files, 1.4 % of the bytes,
@@ -29,11 +32,18 @@ from harness.errors import UserError
 # trace TIME_STEPS samples at 1 ms.
 MAP_SIZE = 70
 SOURCE_X = (0, 17, 34, 52, 69)
+# The middle source is not at the centre: x = 34 mirrors to x = 35. A gather simulated with that
+# mirrored middle source too (6 sources, in the order EXACT_FLIP_SOURCE_X) reversed in source and
+# receiver order is exactly the 6-source gather of the mirrored map; its channels FIVE_OF_SIX are
+# the OpenFWI gather (`gwi.data.mirror`, `openfwi_sources`; 3rd place's trick).
+EXACT_FLIP_SOURCE_X = (0, 17, 34, 35, 52, 69)
+FIVE_OF_SIX = (0, 1, 2, 4, 5)
 SENSOR_DEPTH = 1
 TIME_STEPS = 1000
 VELOCITY_MIN, VELOCITY_MAX = 1500.0, 4500.0  # m/s: every map lies in this range, every prediction is held to it
 
 SEISMIC_SAMPLE_SHAPE = (len(SOURCE_X), TIME_STEPS, MAP_SIZE)
+EXACT_FLIP_SAMPLE_SHAPE = (len(EXACT_FLIP_SOURCE_X), TIME_STEPS, MAP_SIZE)  # training files only
 VELOCITY_SAMPLE_SHAPE = (1, MAP_SIZE, MAP_SIZE)
 ALLOWED_DTYPES = (np.dtype("float32"), np.dtype("float16"))
 MANIFEST = "manifest.json"
@@ -69,6 +79,8 @@ def check_pair(seismic: Path, velocity: Path) -> int:
     """Shapes, dtypes and the velocity range of one pair; returns its sample count, or raises a
     UserError naming the file."""
     (s_shape, s_dtype), (v_shape, v_dtype) = _header(seismic), _header(velocity)
+    if tuple(s_shape[1:]) == EXACT_FLIP_SAMPLE_SHAPE:  # the mirrored middle source included: also valid
+        s_shape = (s_shape[0], *SEISMIC_SAMPLE_SHAPE)
     for path, shape, dtype, sample_shape in ((seismic, s_shape, s_dtype, SEISMIC_SAMPLE_SHAPE),
                                              (velocity, v_shape, v_dtype, VELOCITY_SAMPLE_SHAPE)):
         if len(shape) != 4 or tuple(shape[1:]) != sample_shape:

@@ -4,7 +4,8 @@ OpenFWI-like families (`gwi.physics.velocity`) and their seismic from the OpenFW
 
     <data.cache_dir>/FlatVel_A+CurveVel_A_train352_val64_test48_seed0/
         spec.json                        what the folder holds, checked on every use
-        train/<Family>/data/dataK.npy    OpenFWI layout: (n, 5, 1000, 70) float16 seismic
+        train/<Family>/data/dataK.npy    OpenFWI layout: (n, 5, 1000, 70) float16 seismic (data.exact_flip:
+                                         (n, 6, 1000, 70), the mirrored middle source added; folder name + _flip6)
         train/<Family>/model/modelK.npy                  (n, 1, 70, 70) float32 velocity, 500 a file
         val/<Family>/...                 the same for the validation maps
         test/<id>.npy                    Kaggle test layout: one (5, 1000, 70) float32 file per sample
@@ -34,7 +35,7 @@ from accelerate.state import PartialState
 from tqdm.auto import tqdm
 
 from gwi.layout import SEISMIC_SAMPLE_SHAPE, VELOCITY_SAMPLE_SHAPE
-from gwi.physics.acoustic import DEFAULTS
+from gwi.physics.acoustic import DEFAULTS, EXACT_FLIP_SOURCES, OPENFWI_SOURCES
 from gwi.physics.synth import PER_FILE, Shard, ShardFile, is_written, openfwi_files, simulate_shard, write_shard
 from harness.errors import UserError
 from harness.files import write_text_atomic
@@ -60,7 +61,7 @@ def cache_folder(data) -> Path:
     """The folder that holds (or will hold) the data `data` (a GwiData section) describes: its name
     says everything that changes the data, so another size or seed goes to another folder."""
     name = (f"{'+'.join(data.families)}_train{data.num_train}_val{data.num_val}_test{data.num_test}"
-            f"_seed{data.synth_seed}")
+            f"_seed{data.synth_seed}{'_flip6' if data.exact_flip else ''}")
     return Path(data.cache_dir).expanduser() / name
 
 
@@ -71,7 +72,7 @@ def spec(data) -> dict:
             "num_test": data.num_test, "seed": data.synth_seed, "per_file": PER_FILE,
             "train_seismic_dtype": str(TRAIN_SEISMIC_DTYPE), "test_seismic_dtype": str(TEST_SEISMIC_DTYPE),
             "simulator": "gwi.physics.forward_model with OpenFWI's defaults", "skip_steps": DEFAULTS["skip_steps"],
-            "format": 1}
+            "format": 1, **({"train_sources": len(EXACT_FLIP_SOURCES)} if data.exact_flip else {})}
 
 
 def split_evenly(total: int, families: list[str]) -> list[int]:
@@ -100,12 +101,19 @@ def sample_id(family: str, seed: int, position: int) -> str:
     return hashlib.sha1(f"{family}/{seed}/{position}".encode()).hexdigest()[:10]
 
 
-def piece_files(folder: Path, piece: Piece, seed: int) -> list[ShardFile]:
+def piece_sources(piece: Piece, exact_flip: bool) -> tuple:
+    """The sources a piece is simulated with: with data.exact_flip the training pieces add the
+    mirrored middle source (so the flip augmentation is exact); validation and test keep OpenFWI's 5."""
+    return EXACT_FLIP_SOURCES if exact_flip and piece.split == "train" else OPENFWI_SOURCES
+
+
+def piece_files(folder: Path, piece: Piece, seed: int, exact_flip: bool = False) -> list[ShardFile]:
     """The files a piece writes, in writing order: train and val in the OpenFWI layout; a test piece
     one seismic file per sample, then the true maps (last: the piece is complete once its last label
     is there)."""
     if piece.split != "test":
-        return openfwi_files(folder / piece.split, piece.family, piece.shard, TRAIN_SEISMIC_DTYPE)
+        return openfwi_files(folder / piece.split, piece.family, piece.shard, TRAIN_SEISMIC_DTYPE,
+                             sources=len(piece_sources(piece, exact_flip)))
     first = piece.shard.start
     ids = [sample_id(piece.family, seed, position) for position in range(first, first + piece.shard.count)]
     return ([ShardFile(folder / "test" / f"{i}.npy", SEISMIC_SAMPLE_SHAPE, TEST_SEISMIC_DTYPE) for i in ids]
@@ -119,7 +127,7 @@ def foreign(folder: Path) -> str:
 
 def missing_pieces(data) -> list[Piece]:
     folder = cache_folder(data)
-    return [p for p in plan(data) if not is_written(piece_files(folder, p, data.synth_seed), foreign(folder))]
+    return [p for p in plan(data) if not is_written(piece_files(folder, p, data.synth_seed, data.exact_flip), foreign(folder))]
 
 
 def _check_spec(folder: Path, expected: dict) -> None:
@@ -152,9 +160,10 @@ def simulate(data) -> list[Piece]:
             # On the CPU whatever the run's device: the CPU simulator gives the same bits for any
             # batch, so the cache is the same on every machine.
             seismic, velocity = simulate_shard(piece.family, data.synth_seed, piece.shard, batch_size=SIMULATION_BATCH,
-                                               device="cpu", progress=bar.update)
+                                               device="cpu", progress=bar.update,
+                                               sources=piece_sources(piece, data.exact_flip))
             arrays = [*seismic, *velocity] if piece.split == "test" else [seismic, velocity]
-            write_shard(piece_files(folder, piece, data.synth_seed), arrays)
+            write_shard(piece_files(folder, piece, data.synth_seed, data.exact_flip), arrays)
     return todo
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from gwi.data import SeismicInput, SeismicPairs, build_datasets, dataset_families
 from gwi.layout import SEISMIC_SAMPLE_SHAPE, TIME_STEPS, TRAINING_LAYOUTS, VELOCITY_MAX, VELOCITY_MIN, has_training_data
+from gwi import online
 from gwi.models import (MODELS, check_pretrained_path, create_model, known_models, resolve_decoder_channels, resolve_drop_path,
                         resolve_encoder)
 from gwi.physics.velocity import FAMILIES
@@ -27,27 +28,45 @@ from harness.task import Section, Task, register_task
 
 
 class GwiData(Section):
-    source: Literal["synthetic", "simulated", "files"] = Field(
+    source: Literal["synthetic", "simulated", "files", "online"] = Field(
         "synthetic", description="synthetic: generated layered maps, cheap surrogate seismic (gwi/synthetic.py); simulated: "
         "OpenFWI-like maps and simulated seismic, made once into data.cache_dir, plus a scored test set (gwi/simulated.py); "
-        "files: OpenFWI/Kaggle .npy pairs under data.roots")
+        "files: OpenFWI/Kaggle .npy pairs under data.roots; online: every training sample a fresh velocity draw, "
+        "simulated on the training device (gwi/online.py)")
     roots: list[str] = Field([], description="files: folders of family folders (Kaggle train_samples/, OpenFWI, converted copies)")
-    val_roots: list[str] = Field([], description="files: validate on these folders instead of a fold of data.roots")
+    val_roots: list[str] = Field([], description="files: validate on these folders instead of a fold of data.roots; "
+                                 "online: instead of a simulated validation set")
     folds: int = Field(5, ge=2, description="files: file-level folds, stratified by family")
     fold: int = Field(0, ge=0, description="files: the fold that validates")
     split_seed: int = Field(0, description="files: seed of the fold assignment")
-    num_train: int = Field(256, ge=1, description="synthetic, simulated: training samples (simulated: split evenly over data.families)")
-    num_val: int = Field(64, ge=1, description="synthetic, simulated: validation samples")
+    num_train: int = Field(256, ge=1, description="synthetic, simulated: training samples (simulated: split evenly over "
+                           "data.families); online: draws per epoch")
+    num_val: int = Field(64, ge=1, description="synthetic, simulated, online: validation samples (online: a fixed set "
+                         "simulated at the start of each run, in memory)")
     num_test: int = Field(48, ge=0, description="simulated: test samples in the Kaggle test layout, predicted and scored after training; 0 = none")
     families: list[str] = Field(["FlatVel_A", "CurveVel_A"], min_length=1,
-                                description="simulated: velocity families of gwi.physics.velocity: " + ", ".join(FAMILIES))
+                                description="simulated, online: velocity families of gwi.physics.velocity: " + ", ".join(FAMILIES))
     cache_dir: str = Field("data/simulated", description="simulated: one folder per (families, sizes, seed) under this; reused when complete")
     time_steps: int = Field(TIME_STEPS, ge=8, le=TIME_STEPS,
                             description=f"area-resize the {TIME_STEPS} time samples to this many; {TIME_STEPS} = no reduction")
     normalize: Literal["log_minmax", "standardize"] = Field(
         "log_minmax", description="log_minmax: OpenFWI's signed log scaled by fixed constants; standardize: per sample")
     flip: bool = Field(True, description="training only: mirror a sample (receivers, source order, map columns) with probability 1/2")
-    synth_seed: int = Field(0, ge=0, description="synthetic, simulated: seed of the generated data (train, val and test never share a sample)")
+    synth_seed: int = Field(0, ge=0, description="synthetic, simulated, online: seed of the generated data (train, val and "
+                            "test never share a sample; online: draw i of epoch e is a function of (synth_seed, e, i))")
+    online_fraction: float = Field(0.0, ge=0, lt=1, description="files, simulated: this share of each epoch's training "
+                                   "samples are online draws (N file samples get N f / (1 - f) more); 0 = none")
+    velocity_roots: list[str] = Field([], description="online: folders of velocity .npy files (<Family>/model/model*.npy, "
+                                      "<Family>/vel*.npy; e.g. real OpenFWI maps); their families draw from these maps, "
+                                      "every 10th held out for validation; the other data.families from the generators")
+    online_augment: list[Literal["affine", "crop_resize", "blend"]] = Field(
+        [], description="online: velocity augmentations (gwi.physics.velocity), in this order, each with probability 1/2 "
+        "(blend: with a second draw, alpha in [0.3, 0.7]); data.flip mirrors the map before it is simulated (exact)")
+    online_nt: int = Field(TIME_STEPS, ge=8, le=TIME_STEPS, description=f"online: time samples simulated ({TIME_STEPS} = "
+                           "OpenFWI's record); fewer simulate only the record's start, for quick CPU tests; >= data.time_steps")
+    exact_flip: bool = Field(False, description="simulated: the training seismic adds a 6th source at x = 35, the mirror of "
+                             "the middle one, so data.flip gives the exact gather of the mirrored map (6-source files are "
+                             "always flipped exactly; online flips are exact anyway)")
 
     @field_validator("families")
     @classmethod
@@ -132,18 +151,37 @@ class GwiTask(Task):
     sections = {"data": GwiData, "model": GwiModel, "loss": GwiLoss}
     tta_modes = ("none", "flip")
     tta: str = "none"  # of `predict`, set by predict_folder (infer.py --tta); "flip": see predict
+    collate_fn = staticmethod(online.collate)  # online draws' batches carry their seismic empty, filled on the device
+    simulator: online.OnlineSimulator | None = None  # with online data: `prepare_batch`
 
     @cached_property
     def families(self) -> list[str]:
         """The names of the family indices batches carry (batch[2]), which name the per-family
         metrics: the built datasets' list, or the same list found from the config when this instance
         built none (e.g. a task rebuilt from a checkpoint)."""
+        if self.cfg.data.source == "online":
+            return online.online_families(self.cfg.data)
         return dataset_families(self.cfg.data)
 
     def build_datasets(self, cfg) -> tuple[SeismicPairs, SeismicPairs]:
-        train, val = build_datasets(cfg.data, cfg.seed)
+        if online.uses_online(cfg.data):
+            train, val = online.build_datasets(cfg.data, cfg.seed)
+            self.simulator = online.OnlineSimulator(cfg.data.online_nt)
+        else:
+            train, val = build_datasets(cfg.data, cfg.seed)
         self.families = val.families
         return train, val
+
+    def prepare_batch(self, batch, device):
+        """Online draws: their seismic simulated on the device (gwi.online.OnlineSimulator)."""
+        return batch if self.simulator is None else self.simulator(batch, device)
+
+    def after_update(self, model: nn.Module, step: int) -> dict[str, float]:
+        """With online data, every log.every_steps updates: the simulation's share of the wall time and
+        its samples per second."""
+        if self.simulator is None or step % self.cfg.log.every_steps:
+            return {}
+        return self.simulator.throughput()
 
     def set_epoch(self, train_set: SeismicPairs, epoch: int) -> None:
         train_set.set_epoch(epoch)  # the flip augmentation is drawn per (seed, epoch, index)

@@ -197,7 +197,7 @@ def train(cfg: BaseRunConfig) -> dict:
             start_epoch(task, train_loader, state.epoch)
             batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
             model.train()
-            for batch, last_replay in replayed(batches, tc.batch_replays):
+            for batch, last_replay in replayed(prepared(task, batches, accelerator.device), tc.batch_replays):
                 # The stop request travels with the step's non-finite check: one all-reduce for both.
                 try:
                     done = update_step(batch, stop_wanted())
@@ -436,6 +436,12 @@ class UpdateStep:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         return StepResult(None if bad else loss.detach().float(), accelerator.sync_gradients, grad_norm, flags)
+
+
+def prepared(task, batches, device):
+    """The batches as the task prepares them for training (`Task.prepare_batch`)."""
+    for batch in batches:
+        yield task.prepare_batch(batch, device)
 
 
 def replayed(batches, replays: int):

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from harness.cli import run_cli
 from harness.errors import UserError, print_user_error
-from harness.loop import NonFiniteLoss, UpdateStep, build_training, make_accelerator, replayed, start_epoch
+from harness.loop import NonFiniteLoss, UpdateStep, build_training, make_accelerator, prepared, replayed, start_epoch
 from harness.plots import plt  # pyplot with the files-only backend, chosen once there
 from harness.sam import SharpnessAware
 from harness.task import get_task
@@ -162,7 +162,7 @@ def range_test(accelerator: Accelerator, task, model: torch.nn.Module, optimizer
     record = {"lr": [], "loss": [], "smoothed": [], "stopped": "end", "skipped_batches": 0}
     smoother, best = SmoothedLoss(beta), math.inf
     step = UpdateStep(accelerator, task, model, optimizer, sam, grad_clip, channels_last, on_nonfinite)
-    batches = replayed(cycled(loader, task), batch_replays)
+    batches = replayed(prepared(task, cycled(loader, task), accelerator.device), batch_replays)
     bar = tqdm(total=len(lrs), desc="lr find", unit="step", dynamic_ncols=True, disable=not progress)
     try:
         with restored(model, optimizer, accelerator), bar:

@@ -82,6 +82,14 @@ class Task:
         train, `step` the update the run continues from (0 when it starts). E.g. write a parameter
         table into `run_dir` or attach diagnostic hooks. Not called by the LR finder or inference."""
 
+    def prepare_batch(self, batch, device: torch.device):
+        """Called on every process with each training batch as the loader delivers it (already on
+        `device`), once per batch (not per replay), before the model sees it; returns the batch to
+        train on. E.g. make the inputs on the training device from what the dataset drew (gwi's
+        online data simulates its seismic here). Not called for evaluation batches, which are fixed.
+        The default returns the batch unchanged."""
+        return batch
+
     def forward(self, model: nn.Module, batch):
         """Run the model on a batch; the default takes the batch's first element as the input."""
         return model(batch[0])

@@ -76,11 +76,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gwi.layout import SENSOR_DEPTH, SOURCE_X, TIME_STEPS
+from gwi.layout import EXACT_FLIP_SOURCE_X, SENSOR_DEPTH, SOURCE_X, TIME_STEPS
 from gwi.physics import _ckernel, adjoint, triton_kernel
 
 # OpenFWI's geometry (gwi.layout) and settings.
 OPENFWI_SOURCES = tuple((x, SENSOR_DEPTH) for x in SOURCE_X)  # (x, z) cells
+# OpenFWI's sources and the mirror of the middle one (x = 35), for gathers that flip exactly
+# (`forward_model(vel, sources=EXACT_FLIP_SOURCES)`; see gwi.layout.EXACT_FLIP_SOURCE_X).
+EXACT_FLIP_SOURCES = tuple((x, SENSOR_DEPTH) for x in EXACT_FLIP_SOURCE_X)
 RECEIVER_DEPTH = SENSOR_DEPTH  # cell; the default receivers are every column at this depth
 DEFAULTS = dict(dx=10.0, dt=1e-3, nt=TIME_STEPS, freq=15.0, nbc=120, skip_steps=0)  # skip_steps: see "time axis"
 

@@ -5,7 +5,9 @@
 
 Writes `OUT/<Family>/data/dataK.npy` (n, 5, 1000, 70) seismic and `OUT/<Family>/model/modelK.npy`
 (n, 1, 70, 70) velocity, float32 (`--float16`: seismic in float16), 500 samples a file (the last
-one smaller), K = 1, 2, ... the layout `gwi.layout` reads.
+one smaller), K = 1, 2, ... the layout `gwi.layout` reads. `--exact-flip` adds a 6th source at
+x = 35, the mirror of the middle one (n, 6, 1000, 70): the training reader then flips those
+samples exactly (see gwi.layout.EXACT_FLIP_SOURCE_X).
 
 - Generated maps (`--family`): sample j (0-based over the whole run) is drawn from a generator
   seeded with (seed, family, j), so shard K holds the same maps whatever --workers, batch size or
@@ -46,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gwi.layout import MAP_SIZE, SOURCE_X, TIME_STEPS, npy_writer
-from gwi.physics.acoustic import forward_model
+from gwi.physics.acoustic import EXACT_FLIP_SOURCES, OPENFWI_SOURCES, forward_model
 from gwi.physics.velocity import FAMILIES, generate
 from harness.errors import RUN_FAILED_EXIT, ArgumentParser, UserError, print_user_error
 
@@ -86,11 +88,11 @@ def shard_velocity(family: str, seed: int, shard: Shard) -> np.ndarray:
 
 
 def openfwi_files(out: Path, family: str, shard: Shard, seismic_dtype, nt: int = TIME_STEPS,
-                  map_shape: tuple[int, int] = (MAP_SIZE, MAP_SIZE)) -> list[ShardFile]:
-    """A shard in the OpenFWI layout: OUT/<family>/data/dataK.npy (count, 5, nt, nx) seismic in
+                  map_shape: tuple[int, int] = (MAP_SIZE, MAP_SIZE), sources: int = len(SOURCE_X)) -> list[ShardFile]:
+    """A shard in the OpenFWI layout: OUT/<family>/data/dataK.npy (count, sources, nt, nx) seismic in
     `seismic_dtype`, then OUT/<family>/model/modelK.npy (count, 1, nz, nx) float32 velocity."""
     nz, nx = map_shape
-    return [ShardFile(out / family / "data" / f"data{shard.index}.npy", (shard.count, len(SOURCE_X), nt, nx), np.dtype(seismic_dtype)),
+    return [ShardFile(out / family / "data" / f"data{shard.index}.npy", (shard.count, sources, nt, nx), np.dtype(seismic_dtype)),
             ShardFile(out / family / "model" / f"model{shard.index}.npy", (shard.count, 1, nz, nx), np.dtype(np.float32))]
 
 
@@ -117,14 +119,15 @@ def is_written(files: list[ShardFile], foreign: str, regrow: bool = False) -> bo
 
 
 def simulate_shard(family: str, seed: int, shard: Shard, nt: int = TIME_STEPS, batch_size: int = 8, device="cpu",
-                   progress=None) -> tuple[np.ndarray, np.ndarray]:
-    """(seismic float32 (count, 5, nt, nx), velocity float32 (count, 1, nz, nx)) of the shard's maps,
-    simulated `batch_size` at a time on `device`; `progress(k)` after each batch of k maps."""
+                   progress=None, sources=OPENFWI_SOURCES) -> tuple[np.ndarray, np.ndarray]:
+    """(seismic float32 (count, S, nt, nx), velocity float32 (count, 1, nz, nx)) of the shard's maps,
+    simulated `batch_size` at a time on `device` with `sources` (S of them: OpenFWI's 5, or
+    EXACT_FLIP_SOURCES); `progress(k)` after each batch of k maps."""
     velocity = shard_velocity(family, seed, shard)
     parts = []
     for start in range(0, len(velocity), batch_size):
         maps = torch.from_numpy(velocity[start:start + batch_size]).to(device)
-        parts.append(forward_model(maps, nt=nt).cpu().numpy())
+        parts.append(forward_model(maps, nt=nt, sources=sources).cpu().numpy())
         if progress is not None:
             progress(len(maps))
     return np.concatenate(parts), velocity
@@ -144,7 +147,13 @@ def write_shard(files: list[ShardFile], arrays) -> None:
 def job_files(job: dict, shard: Shard) -> list[ShardFile]:
     """The files of one of this command's shards."""
     map_shape = np.load(shard.source, mmap_mode="r").shape[-2:] if shard.source is not None else (MAP_SIZE, MAP_SIZE)
-    return openfwi_files(Path(job["out"]), job["family"], shard, np.float16 if job["float16"] else np.float32, job["nt"], map_shape)
+    return openfwi_files(Path(job["out"]), job["family"], shard, np.float16 if job["float16"] else np.float32, job["nt"], map_shape,
+                         len(job_sources(job)))
+
+
+def job_sources(job: dict) -> tuple:
+    """The sources this command simulates: OpenFWI's 5, or with --exact-flip the 6 of EXACT_FLIP_SOURCES."""
+    return EXACT_FLIP_SOURCES if job["exact_flip"] else OPENFWI_SOURCES
 
 
 def _exit_with_parent() -> None:
@@ -159,7 +168,7 @@ def _exit_with_parent() -> None:
 def write_shards(job: dict, shards: list[Shard], progress) -> None:
     for shard in shards:
         seismic, velocity = simulate_shard(job["family"], job["seed"], shard, nt=job["nt"], batch_size=job["batch_size"],
-                                           device=job["device"], progress=progress)
+                                           device=job["device"], progress=progress, sources=job_sources(job))
         write_shard(job_files(job, shard), [seismic, velocity])
 
 
@@ -235,7 +244,7 @@ def plan(args) -> tuple[dict, list[Shard]]:
         shards = [Shard(k + 1, min(args.per_file, args.n - start), start)
                   for k, start in enumerate(range(0, args.n, args.per_file))]
     job = dict(family=family, seed=args.seed, out=str(args.out), nt=args.nt, float16=args.float16,
-               batch_size=args.batch_size, device=args.device)
+               batch_size=args.batch_size, device=args.device, exact_flip=args.exact_flip)
     return job, shards
 
 
@@ -318,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-velocity", type=Path, help="simulate these velocity .npy files (a file or a folder)")
     parser.add_argument("--batch-size", type=int, default=8, help="maps simulated together")
     parser.add_argument("--per-file", type=int, default=PER_FILE, help="samples per shard file")
+    parser.add_argument("--exact-flip", action="store_true",
+                        help="also simulate the mirrored middle source (x = 35): (n, 6, nt, nx) seismic that the flip "
+                             "augmentation mirrors exactly (the reader keeps the 5 OpenFWI sources)")
     parser.add_argument("--nt", type=int, default=TIME_STEPS, help=f"time samples per trace (OpenFWI: {TIME_STEPS})")
     args = parser.parse_args(argv)
     try:
