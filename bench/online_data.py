@@ -10,7 +10,7 @@ shortened record (--nt time steps) to keep it to minutes. Both are scored on the
 simulated validation set (gwi.online.simulated_validation). The last line is
 `mae_ratio=<online val MAE / cache val MAE>` (below 1: online data helps).
 
-    python bench/online_data.py [--samples 96] [--epochs 20] [--batch-size 16] [--nt 150] [--val 64]
+    python bench/online_data.py [--samples 16] [--epochs 96] [--batch-size 16] [--nt 100] [--val 64]
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def train_side(task, cfg, sources, families, val, fresh: bool, args) -> dict:
             loss.backward()
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     seconds = time.perf_counter() - start
     return {"val_mae": evaluate(task, model, val), "train_loss": sum(losses[-batches:]) / batches,
             "updates": len(losses), "simulated": simulated, "seconds": seconds}
@@ -74,10 +74,10 @@ def train_side(task, cfg, sources, families, val, fresh: bool, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=96, help="the cache's size = the online draws per epoch")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--samples", type=int, default=16, help="the cache's size = the online draws per epoch")
+    parser.add_argument("--epochs", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--nt", type=int, default=150, help="simulated time steps (OpenFWI: 1000)")
+    parser.add_argument("--nt", type=int, default=100, help="simulated time steps (OpenFWI: 1000)")
     parser.add_argument("--val", type=int, default=64, help="validation maps")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

@@ -25,6 +25,7 @@ from harness import checkpoint as ckpt
 from harness.config import load_config
 from harness.errors import ConfigError, UserError
 from harness.loop import train
+from harness.lr_find import lr_find
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,3 +186,8 @@ def test_an_online_run_killed_and_resumed_ends_with_the_weights_of_a_straight_ru
     shares = [r["train/simulation_share"] for r in rows if "train/simulation_share" in r]
     assert len(shares) == 4 and all(0 < s < 1 for s in shares)  # every log.every_steps=2 updates
     assert [r["val/mae"] for r in rows if "val/mae" in r] == [r["val/mae"] for r in read_metrics(tmp_path / "killed") if "val/mae" in r]
+
+
+def test_the_lr_finder_trains_on_simulated_draws_too(tmp_path):
+    result = lr_find(load_config(SMOKE_GWI, [*ONLINE, f"output_dir={tmp_path}"]), steps=5, diverge=1e9)
+    assert result["steps"] == 5 and all(np.isfinite(result["loss"]))  # the (B, 0) placeholder never reached the model
