@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SMOKE_GWI, read_metrics
+from conftest import SMOKE_GWI, accelerate_launch, read_metrics
 from gwi import online
 from gwi.data import SeismicPairs, flip_decision, mirror, openfwi_sources
 from gwi.layout import FIVE_OF_SIX, find_pairs
@@ -191,3 +191,12 @@ def test_an_online_run_killed_and_resumed_ends_with_the_weights_of_a_straight_ru
 def test_the_lr_finder_trains_on_simulated_draws_too(tmp_path):
     result = lr_find(load_config(SMOKE_GWI, [*ONLINE, f"output_dir={tmp_path}"]), steps=5, diverge=1e9)
     assert result["steps"] == 5 and all(np.isfinite(result["loss"]))  # the (B, 0) placeholder never reached the model
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_online_draws(tmp_path):
+    result = accelerate_launch(2, "train.py", SMOKE_GWI, *ONLINE, "trainer.batch_size=2", f"output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows if "val/mae" in r] == [4, 8]  # 16 draws an epoch over 2 processes x 2
+    assert all(0 < r["train/simulation_share"] < 1 for r in rows if "train/simulation_share" in r)
