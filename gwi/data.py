@@ -1,6 +1,6 @@
 """Data for the gwi task: where samples come from (`data.source`: synthetic (gwi/synthetic.py),
-simulated (gwi/simulated.py) or files), the datasets that serve them, and the seismic preparation
-every model input goes through.
+simulated (gwi/simulated.py) or files; online draws, alone or mixed in: gwi/online.py), the datasets
+that serve them, and the seismic preparation every model input goes through.
 
 Datasets serve *raw* seismic, in the dtype it has on disk (float16 files stay float16 through the
 DataLoader: half the bytes), with the training-only mirror augmentation. Preparation (time-axis

@@ -2,7 +2,9 @@
 shot gathers of 70 receivers. The Kaggle metric is the MAE in m/s over the odd columns
 (x = 1, 3, ..., 69), reported here as `mae_odd` next to the all-column `mae`.
 
-Batches are (seismic (B, 5, T, 70) float16/32, velocity (B, 1, 70, 70) float32, family index (B,)).
+Batches are (seismic (B, 5, T, 70) float16/32, velocity (B, 1, 70, 70) float32, family index (B,));
+training batches with online draws (gwi/online.py) add an online flag (B,) bool, and their seismic is
+simulated in `prepare_batch`.
 """
 from __future__ import annotations
 
