@@ -1,14 +1,18 @@
 """Predict with trained checkpoints.
 
     python infer.py --checkpoint RUN_DIR_OR_CHECKPOINT [--checkpoint ...] [--data DIR --out FILE]
-                    [--tta flip] [--batch-size N] [--num-workers W] [--save-predictions FILE.npy]
+                    [--tta flip|hflip] [--batch-size N] [--num-workers W] [--save-predictions FILE]
+                    [--sample-submission FILE] [--probabilities]
                     [--physics-misfit] [--refine-steps N [--refine-tv LAMBDA] [--refine-lr LR]]
                     [--physics-batch-size N] [--physics-csv FILE] [key=value ...]
 
 A run directory means its best checkpoint; several --checkpoint are averaged into one ensemble.
 With --data, the task predicts for that folder (gwi: a test folder -> the Kaggle submission CSV at
 --out; a labelled folder -> MAE overall and per family, and with --save-predictions the
-predictions as .npy). Without --data, the ensemble is evaluated on the validation data of the
+predictions as .npy; cnn: a folder of images or a CSV of ids -> the submission CSV at --out, in
+--sample-submission's header and id order, class names or with --probabilities one column per class;
+a folder of class folders or a labelled CSV -> accuracy, log-loss, per class, confusion matrix, and with
+--save-predictions FILE.csv|.npy the predictions and FILE_confusion.png). Without --data, the ensemble is evaluated on the validation data of the
 first checkpoint's config (key=value overrides change it), as training evaluated it (no TTA);
 --tta, --out, --save-predictions and --num-workers act on --data only and are refused without it.
 Results are printed as JSON.
@@ -29,7 +33,7 @@ from harness.errors import ArgumentParser, UserError, print_user_error
 from harness.inference import evaluate_checkpoints, predict_folder, print_json
 
 NUM_WORKERS = 2  # DataLoader workers reading --data
-DATA_ONLY = ("tta", "out", "save_predictions", "num_workers")  # flags that act on --data only
+DATA_ONLY = ("tta", "out", "save_predictions", "num_workers", "sample_submission", "probabilities")  # flags that act on --data only
 
 
 def number(kind: type, low: float, strict: bool = False):
@@ -49,7 +53,7 @@ def check_data_flags(args) -> None:
     """A flag that would do nothing is an error, not ignored: the --data flags without --data."""
     if args.data:
         return
-    given = [name for name in DATA_ONLY if getattr(args, name) not in (None, "none")]
+    given = [name for name in DATA_ONLY if getattr(args, name) not in (None, "none", False)]
     if given:
         flags = " / ".join(f"--{name.replace('_', '-')}" for name in given)
         raise UserError(f"{flags}: {'it acts' if len(given) == 1 else 'they act'} only with --data DIR (without "
@@ -80,10 +84,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", action="append", required=True, help="run directory or checkpoint directory; repeat to ensemble")
     parser.add_argument("--data", help="folder to predict for (task-specific)")
     parser.add_argument("--out", help="output file for --data (gwi: submission.csv)")
-    parser.add_argument("--tta", choices=["none", "flip"], default="none", help="flip: average with the mirrored sample's prediction")
+    parser.add_argument("--tta", choices=["none", "flip", "hflip"], default="none",
+                        help="gwi flip / cnn hflip: average with the mirrored sample's prediction")
     parser.add_argument("--batch-size", type=number(int, 1), default=None)
     parser.add_argument("--num-workers", type=number(int, 0), default=None, help=f"DataLoader workers reading --data (default {NUM_WORKERS})")
-    parser.add_argument("--save-predictions", help="labelled --data: also save the predictions (.npy); refused for a test folder")
+    parser.add_argument("--save-predictions", help="labelled --data: also save the predictions (.npy; cnn also .csv); refused for a test folder")
+    parser.add_argument("--sample-submission", metavar="FILE", help="cnn: the answer takes this CSV's header and id order")
+    parser.add_argument("--probabilities", action="store_true", help="cnn: one probability column per class instead of the class name")
     physics = parser.add_argument_group("physics (gwi, with --data)")
     physics.add_argument("--physics-misfit", action="store_true", help="report the normalised seismic misfit of the maps")
     physics.add_argument("--refine-steps", type=number(int, 0), default=0, metavar="N",
@@ -103,8 +110,10 @@ def main(argv: list[str]) -> int:
         physics = physics_options(args)
         if args.data:
             num_workers = NUM_WORKERS if args.num_workers is None else args.num_workers
+            options = {name: value for name, value in (("sample_submission", args.sample_submission),
+                                                       ("probabilities", args.probabilities)) if value}
             result = predict_folder(args.checkpoint, args.data, args.out, args.tta, args.batch_size, num_workers,
-                                    args.save_predictions, args.overrides, physics)
+                                    args.save_predictions, args.overrides, physics, options)
         else:
             if physics:
                 raise UserError("--physics-misfit / --refine-steps: give --data (a folder of seismic to simulate against)")

@@ -47,8 +47,10 @@ import wandb  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from cnn.complexity import local_complexity, probe_indices  # noqa: E402
-from cnn.data import ImageSet, collate, dataset_spec, read_split, synthetic_images, torchvision_class  # noqa: E402
+from cnn.data import ImageSet, class_names, collate, dataset_spec, read_split, synthetic_images  # noqa: E402
+from cnn.images import FILE_SOURCES  # noqa: E402
 from cnn.models import to_unit_float  # noqa: E402
+from cnn.plots import confusion_matrix, save_confusion, save_heatmap  # noqa: E402
 from harness import checkpoint as ckpt  # noqa: E402
 from harness.artifacts import resolve_checkpoint  # noqa: E402
 from harness.errors import UserError, print_user_error  # noqa: E402
@@ -57,7 +59,6 @@ from harness.task import get_task  # noqa: E402
 from harness.tracking import resolve_wandb_mode, with_offline_fallback  # noqa: E402
 
 ANALYSES = ("misclassified", "confusion", "gradcam", "guided-backprop", "class-model", "local-complexity", "weight-noise")
-CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DEFAULT_SHOWN = 8  # gradcam / guided-backprop: images shown
 
 
@@ -213,15 +214,6 @@ def load(args, overrides: list[str]) -> Context:
                    batch_size=args.batch_size or cfg.trainer.eval_batch_size or cfg.trainer.batch_size)
 
 
-def class_names(dc) -> list[str]:
-    spec = dataset_spec(dc)
-    if dc.source == "cifar10":
-        return list(CIFAR10_NAMES)
-    if dc.source == "fashion_mnist":
-        return list(torchvision_class(dc.source).classes)
-    return [str(i) for i in range(spec.num_classes)]  # MNIST's digits, CIFAR-100's and synthetic classes by index
-
-
 def split_dataset(cfg, split: str) -> Dataset:
     """The run's validation set (exactly what it validated on), or the official test split."""
     if split == "val":
@@ -229,6 +221,9 @@ def split_dataset(cfg, split: str) -> Dataset:
     dc = cfg.data
     if dc.source == "synthetic":  # a third stream of the same generator: images neither trained nor validated on
         return ImageSet(*synthetic_images(dc.num_val, dc, 3))
+    if dc.source in FILE_SOURCES:
+        raise UserError(f"--split test: data.source={dc.source} has no test split with labels; use --split val, or score a "
+                        "labelled folder with infer.py --data")
     return ImageSet(*read_split(dc.source, dc.root, train=False, download=False))
 
 
@@ -311,30 +306,6 @@ def save_grid(path: Path, cells: list[tuple[torch.Tensor, str, np.ndarray | None
     return path
 
 
-def save_heatmap(path: Path, values: np.ndarray, rows: list[str], columns: list[str], title: str, xlabel: str,
-                 ylabel: str, colorbar: str, annotations: np.ndarray | None = None, cmap: str = "viridis") -> Path:
-    """A (rows x columns) heat map, each cell annotated (with `annotations`, default the value) when it fits."""
-    height, width = values.shape
-    fig, ax = plt.subplots(figsize=(min(max(5.0, 2.5 + 0.55 * width), 16), min(2.2 + 0.4 * height, 16)))
-    image = ax.imshow(values, cmap=cmap, vmin=0, vmax=1, aspect="auto")
-    fig.colorbar(image, ax=ax, label=colorbar)
-    if height * width <= 400:
-        annotations = annotations if annotations is not None else np.vectorize(lambda v: f"{v:.2f}")(values)
-        colours = plt.get_cmap(cmap)(np.nan_to_num(values))
-        for (i, j), text in np.ndenumerate(annotations):
-            dark = colours[i, j, :3] @ np.array([0.299, 0.587, 0.114]) < 0.5  # text that stays readable on its cell
-            ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
-    ax.set_xticks(range(width), columns if width <= 40 else [""] * width, rotation=90 if width > 8 else 0, fontsize=7)
-    ax.set_yticks(range(height), rows if height <= 60 else [""] * height, fontsize=7)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(textwrap.fill(title, 70), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     with open(path, "w", newline="") as out:
         writer = csv.writer(out)
@@ -363,11 +334,6 @@ def analyze_misclassified(ctx: Context) -> list[Path]:
     return [save_grid(ctx.path("misclassified.png"), cells, 8, title), csv_path]
 
 
-def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, classes: int) -> torch.Tensor:
-    """(classes, classes) counts: row = true class, column = predicted class."""
-    return torch.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
-
-
 def analyze_confusion(ctx: Context) -> list[Path]:
     _, labels = ctx.evaluated()
     predicted = ctx.probabilities().argmax(1)
@@ -375,11 +341,8 @@ def analyze_confusion(ctx: Context) -> list[Path]:
     matrix = confusion_matrix(labels, predicted, classes).numpy()
     csv_path = write_csv(ctx.path("confusion.csv"), ["true\\predicted", *ctx.names],
                          [[ctx.names[i], *map(int, matrix[i])] for i in range(classes)])
-    recall = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     acc = np.trace(matrix) / max(matrix.sum(), 1)
-    png = save_heatmap(ctx.path("confusion.png"), recall, ctx.names, ctx.names,
-                       f"{ctx.args.split}: accuracy {acc:.4f} on {matrix.sum()} images", "predicted", "true",
-                       "fraction of the true class", annotations=matrix.astype(str) if classes <= 20 else None, cmap="Blues")
+    png = save_confusion(ctx.path("confusion.png"), matrix, ctx.names, f"{ctx.args.split}: accuracy {acc:.4f} on {matrix.sum()} images")
     return [png, csv_path]
 
 

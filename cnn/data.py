@@ -1,6 +1,6 @@
 """Image classification data: CIFAR-10/100, MNIST and Fashion-MNIST read by torchvision's own dataset
-classes (or generated gratings), a seeded validation split, seeded augmentation, and an optional
-device-resident loader.
+classes, image files (a folder of class folders or a train.csv: cnn/images.py), or generated gratings;
+a seeded validation split, seeded augmentation, and an optional device-resident loader.
 
 Samples are pixels in [0, 1] (float32, C x H x W) or, from the device loader, uint8 batches: the
 normalisation is the model's first layer (cnn.models.Normalize), so everything outside the model
@@ -23,10 +23,12 @@ import torch
 from accelerate import PartialState
 from torch.utils.data import Dataset, default_collate
 
+from cnn.images import (FILE_SOURCES, GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD, csv_image_folder, csv_samples,
+                        folder_samples, holdout, read_image, subset)
 from cnn.models import to_unit_float
 from harness.errors import ConfigError, UserError
 
-AUGMENTATIONS = ("pad_crop", "hflip", "cutout", "affine")
+AUGMENTATIONS = ("pad_crop", "hflip", "cutout", "affine", "random_resized_crop", "vflip", "rotate90", "color_jitter")
 DEVICE_AUGMENTATIONS = ("pad_crop", "hflip", "cutout")  # what the device loader implements as tensor ops
 
 
@@ -42,6 +44,8 @@ class DatasetSpec:
     std: tuple[float, ...]
 
 
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
 # Per-channel pixel mean/std of each training set (pixels in [0, 1]).
 TORCHVISION_SPECS = {
     "cifar10": DatasetSpec("CIFAR-10", 3, 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -54,7 +58,22 @@ TORCHVISION_SPECS = {
 def dataset_spec(dc) -> DatasetSpec:
     if dc.source == "synthetic":  # identity normalisation: generated pixels are already well scaled
         return DatasetSpec("synthetic", dc.channels, dc.num_classes, dc.image_size, (0.0,) * dc.channels, (1.0,) * dc.channels)
+    if dc.source in FILE_SOURCES:  # ImageNet's statistics: what pretrained backbones expect
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if dc.channels == 3 else (GRAY_MEAN, GRAY_STD)
+        return DatasetSpec(f"{dc.source} data", dc.channels, len(dc.classes), dc.image_size, mean, std)
     return TORCHVISION_SPECS[dc.source]
+
+
+def class_names(dc) -> list[str]:
+    """The class names of a data source, in label order."""
+    if dc.source in FILE_SOURCES:
+        return list(dc.classes)
+    spec = dataset_spec(dc)
+    if dc.source == "cifar10":
+        return list(CIFAR10_NAMES)
+    if dc.source == "fashion_mnist":
+        return list(torchvision_class(dc.source).classes)
+    return [str(i) for i in range(spec.num_classes)]  # MNIST's digits, CIFAR-100's and synthetic classes by index
 
 
 def torchvision_class(source: str):
@@ -136,6 +155,9 @@ def check_device_loader(dc, num_workers: int) -> None:
     """The device loader augments in the main process, and only with what it implements as tensor ops."""
     if not dc.gpu_loader:
         return
+    if dc.source in FILE_SOURCES:
+        raise ConfigError(f"key 'data.gpu_loader': data.source={dc.source} decodes image files in DataLoader workers; "
+                          "the device loader holds a dataset already in memory (cifar10, mnist, ...): set data.gpu_loader=false")
     if num_workers:
         raise ConfigError("key 'trainer.num_workers': data.gpu_loader keeps the data on the device and augments it in "
                           "the main process; set trainer.num_workers=0")
@@ -145,9 +167,14 @@ def check_device_loader(dc, num_workers: int) -> None:
                           f"not {', '.join(cpu_only)}; drop it or set data.gpu_loader=false")
 
 
-def albumentations_pipeline(dc, image_size: int):
-    """The CPU pipeline of `data.augment`, in the order given (None when empty)."""
-    if not dc.augment:
+def albumentations_pipeline(dc, image_size: int, resize: bool = False, train: bool = True):
+    """The CPU pipeline of `data.augment` (with `train`; evaluation augments nothing), in the order
+    given; None when it has nothing to do. With `resize` (images of any size, from files) the images
+    are first resized to image_size x image_size, unless random_resized_crop, which crops and resizes
+    at random, is one of the steps."""
+    names = list(dc.augment) if train else []
+    sizing = resize and "random_resized_crop" not in names
+    if not names and not sizing:
         return None
     # albumentations is slow to import (it loads scipy and defines every transform) and only runs that
     # augment on the CPU need it, so it is imported here rather than by every cnn run.
@@ -165,8 +192,14 @@ def albumentations_pipeline(dc, image_size: int):
                                     scale=(1 - dc.affine_scale, 1 + dc.affine_scale),
                                     rotate=(-dc.affine_degrees, dc.affine_degrees),
                                     border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0)],
+        "random_resized_crop": lambda: [A.RandomResizedCrop(size=(size, size), scale=tuple(dc.crop_scale), p=1.0)],
+        "vflip": lambda: [A.VerticalFlip(p=0.5)],
+        "rotate90": lambda: [A.RandomRotate90(p=1.0)],
+        "color_jitter": lambda: [A.ColorJitter(brightness=dc.jitter, contrast=dc.jitter, saturation=dc.jitter, hue=0.0, p=1.0)],
     }
-    return A.Compose([transform for name in dc.augment for transform in steps[name]()], seed=0)
+    # INTER_AREA: the resampling that keeps detail when shrinking (most photos are larger than the model's input).
+    first = [A.Resize(size, size, interpolation=cv2.INTER_AREA)] if sizing else []
+    return A.Compose(first + [transform for name in names for transform in steps[name]()], seed=0)
 
 
 def sample_generators(seed: int, epoch: int, index: int) -> tuple[np.random.Generator, random.Random]:
@@ -197,6 +230,40 @@ class ImageSet(Dataset):
             if image.ndim == 2:  # OpenCV drops a single channel
                 image = image[..., None]
         return to_unit_float(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)), int(self.labels[index])
+
+
+class ImageFiles(Dataset):
+    """Image files with their labels (cnn/images.py lists and decodes them). Yields (float32 C x H x W in [0, 1], target): the integer label,
+    or a float32 0/1 vector for multi-label data; with `targets=None` (a test set) the target is the
+    sample's index. `transform` (an albumentations Compose) resizes and augments, seeded per
+    (seed, epoch, index) like ImageSet. `targets` are the integer labels (a list, as torchvision's
+    datasets have them) or a (N, classes) float32 0/1 array; `classes` the class names in label order."""
+
+    def __init__(self, paths: list, targets, classes: list[str], channels: int, transform=None, seed: int = 0):
+        self.paths = [str(p) for p in paths]
+        self.targets = targets
+        self.classes, self.channels = list(classes), channels
+        self.transform, self.seed, self.epoch = transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        image = read_image(self.paths[index], self.channels)
+        if self.transform is not None:
+            self.transform.set_random_state(*sample_generators(self.seed, self.epoch, index))
+            image = self.transform(image=image)["image"]
+            if image.ndim == 2:  # OpenCV drops a single channel
+                image = image[..., None]
+        pixels = to_unit_float(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        if self.targets is None:
+            return pixels, index
+        if isinstance(self.targets, np.ndarray):
+            return pixels, torch.from_numpy(self.targets[index])
+        return pixels, self.targets[index]
 
 
 # ---- the device-resident loader ----------------------------------------------------------------------
@@ -310,6 +377,8 @@ def build_datasets(dc, seed: int, num_workers: int = 0) -> tuple[Dataset, Datase
     training set, or the official test split with `data.val_on_test`."""
     check_device_loader(dc, num_workers)
     spec = dataset_spec(dc)
+    if dc.source in FILE_SOURCES:
+        return file_datasets(dc, seed)
     if dc.source == "synthetic":
         train, val = synthetic_images(dc.num_train, dc, 1), synthetic_images(dc.num_val, dc, 2)
     else:
@@ -324,3 +393,22 @@ def build_datasets(dc, seed: int, num_workers: int = 0) -> tuple[Dataset, Datase
         options = dict(crop_padding=dc.crop_padding, cutout_size=dc.cutout_size, seed=seed)
         return DeviceImageSet(*train, device, dc.augment, **options), DeviceImageSet(*val, device, (), **options)
     return ImageSet(*train, albumentations_pipeline(dc, spec.image_size), seed=seed), ImageSet(*val)
+
+
+def file_datasets(dc, seed: int) -> tuple[ImageFiles, ImageFiles]:
+    """(train, val) of a folder of class folders or a train.csv: validation is data.val_root (folder)
+    or data.val_fraction of each class, held out by data.split_seed."""
+    classes = list(dc.classes)
+    if dc.source == "folder":
+        paths, targets = folder_samples(Path(dc.root), classes)
+    else:
+        paths, targets = csv_samples(dc, Path(dc.csv), csv_image_folder(dc), classes)
+    if dc.val_root:
+        train, val = (paths, targets), folder_samples(Path(dc.val_root), classes, "data.val_root", every_class=False)
+    else:
+        train_index, val_index = holdout(targets, dc.val_fraction, dc.split_seed)
+        train, val = subset(paths, targets, train_index), subset(paths, targets, val_index)
+    augment = albumentations_pipeline(dc, dc.image_size, resize=True)
+    evaluate = albumentations_pipeline(dc, dc.image_size, resize=True, train=False)
+    return (ImageFiles(*train, classes, dc.channels, augment, seed=seed),
+            ImageFiles(*val, classes, dc.channels, evaluate, seed=seed))

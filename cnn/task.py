@@ -1,18 +1,22 @@
-"""The classification task: CIFAR-10/100, MNIST, Fashion-MNIST or generated images; models by name;
-cross-entropy with label smoothing; per-sample loss and accuracy."""
+"""The classification task: CIFAR-10/100, MNIST, Fashion-MNIST, image files (a folder of class folders
+or a Kaggle train.csv) or generated images; models by name; cross-entropy with label smoothing, or
+binary cross-entropy for multi-label CSVs; per-sample loss and accuracy, overall and per class;
+prediction of test folders into a validated submission (cnn/predict.py)."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
 from cnn.adversarial import FreePerturbation, RobustOutputs, fgsm, pgd
 from cnn.complexity import LocalComplexityProbe
 from cnn.data import AUGMENTATIONS, build_datasets, collate, dataset_spec
+from cnn.images import FILE_SOURCES, is_multi_label, resolve_classes
+from cnn.predict import predict_folder
 from cnn.diagnostics import attach_layer_grad_norms, report_parameters
 from cnn.models import check_model_name, create_model
 from harness.errors import ConfigError, is_main_process
@@ -22,27 +26,59 @@ Augmentation = Literal[AUGMENTATIONS]
 
 
 class CnnData(Section):
-    source: Literal["synthetic", "cifar10", "cifar100", "mnist", "fashion_mnist"] = Field(
-        "synthetic", description="synthetic: noisy gratings, one orientation per class; the others are read by torchvision's classes from data.root")
-    root: str = Field("data", description="folder in torchvision's layout: cifar-10-batches-py/, cifar-100-python/, MNIST/raw/, FashionMNIST/raw/")
+    source: Literal["synthetic", "cifar10", "cifar100", "mnist", "fashion_mnist", "folder", "csv"] = Field(
+        "synthetic", description="synthetic: noisy gratings, one orientation per class; folder: <data.root>/<class>/<image>; csv: "
+        "data.csv (id and label columns) with images in data.images; the others are read by torchvision's classes from data.root")
+    root: str = Field("data", description="folder: a folder of class folders (ImageFolder's layout); torchvision sources: "
+                      "cifar-10-batches-py/, cifar-100-python/, MNIST/raw/, FashionMNIST/raw/ under it")
+    csv: Optional[str] = Field(None, description="csv: the training CSV (Kaggle's train.csv), one line per image")
+    images: Optional[str] = Field(None, description="csv: the folder of the images <id><data.extension>; null = data.csv's folder")
+    id_column: str = Field("id", description="csv: the column of image ids")
+    label_column: Optional[Union[str, list[str]]] = Field(
+        "label", description="csv: the label column (class names or integers); a list of columns, or null for every column but "
+        "the id: one 0/1 column per class (multi-label, binary cross-entropy)")
+    extension: Optional[str] = Field(None, description="csv: appended to an id to name its image (.jpg, .png, or '' when ids are "
+                                     "file names); null = the image file in data.images whose name or stem is the id")
+    classes: Optional[list[str]] = Field(None, description="folder, csv: class names in label order; null = read from the data "
+                                         "(sorted folder names / labels; multi-label: the columns), and saved so in the run's config")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="folder, csv: fraction of each class held out (seeded by data.split_seed) to validate on")
+    val_root: Optional[str] = Field(None, description="folder: validate on this folder of class folders instead of a fraction of data.root")
     download: bool = Field(False, description="let torchvision download a missing dataset into data.root (needs internet)")
     val_size: int = Field(5000, ge=1, description="training images held out (seeded by data.split_seed) to validate on")
     val_on_test: bool = Field(False, description="validate on the official test split instead (and train on the whole training split)")
-    split_seed: int = Field(0, description="seed of the validation hold-out")
+    split_seed: int = Field(0, description="seed of the validation hold-out (data.val_size or data.val_fraction)")
     augment: list[Augmentation] = Field([], description="training augmentation, applied in the order listed")
     crop_padding: int = Field(4, ge=0, description="pad_crop: reflect-pad by this many pixels, then crop back to size at random")
     cutout_size: int = Field(8, ge=1, description="cutout: side of the square zeroed at a random place")
     affine_degrees: float = Field(10.0, ge=0, description="affine: rotation drawn from +-this many degrees")
     affine_translate: float = Field(0.1, ge=0, lt=1, description="affine: shift drawn from +-this fraction of the size")
     affine_scale: float = Field(0.1, ge=0, lt=1, description="affine: zoom drawn from 1 +- this")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="random_resized_crop: the range of the crop's area, a fraction of the image's")
+    jitter: float = Field(0.4, ge=0, description="color_jitter: brightness, contrast and saturation drawn from 1 +- this")
     gpu_loader: bool = Field(False, description="keep the whole set on the device (uint8) and augment batches there (pad_crop, hflip, cutout); CPU too")
     num_train: int = Field(512, ge=1, description="synthetic: training images")
     num_val: int = Field(256, ge=1, description="synthetic: validation images")
     num_classes: int = Field(10, ge=2, description="synthetic: classes")
-    channels: int = Field(3, ge=1, description="synthetic: image channels")
-    image_size: int = Field(32, ge=8, description="synthetic: image height and width")
+    channels: int = Field(3, ge=1, description="synthetic: image channels; folder, csv: 3 = RGB (grayscale, palette, RGBA made RGB) or 1 = grayscale")
+    image_size: int = Field(32, ge=8, description="synthetic: image height and width; folder, csv: images of any size are resized to this square")
     noise: float = Field(0.6, ge=0, description="synthetic: noise std added to each grating")
     synth_seed: int = Field(0, description="synthetic: seed of the generated classes and images")
+
+    @model_validator(mode="after")
+    def _file_classes(self):
+        """Image files: the class names are read from the data once and kept in the config, so a
+        checkpoint carries them (infer.py writes names) and a resume sees a changed class list."""
+        if self.source not in FILE_SOURCES:
+            return self
+        if self.channels not in (1, 3):
+            raise ConfigError(f"key 'data.channels': {self.channels}; image files are read as RGB (3) or grayscale (1)")
+        if self.classes is None:
+            self.classes = resolve_classes(self)
+        if len(self.classes) < 2 and not is_multi_label(self):
+            raise ConfigError(f"key 'data.classes': {self.classes}; a classifier needs at least two classes")
+        if len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"key 'data.classes': a class is listed twice ({self.classes})")
+        return self
 
 
 class CnnModel(Section):
@@ -98,13 +134,21 @@ class CnnDiagnostics(Section):
     local_complexity_radius: float = Field(0.01, gt=0, description="r: distance of the vertices from the image, in pixels of [0, 1]")
 
 
+# Per-class metrics (acc_<class>) are logged up to this many classes; infer.py scores every class anyway.
+PER_CLASS_METRICS_MAX = 32
+
+
 @register_task("cnn")
 class CnnTask(Task):
-    """Batches are (images (B, C, H, W): float32 pixels in [0, 1], or uint8 from data.gpu_loader, labels (B,))."""
+    """Batches are (images (B, C, H, W): float32 pixels in [0, 1], or uint8 from data.gpu_loader, labels (B,)
+    integers, or (B, classes) 0/1 floats for multi-label data)."""
 
     sections = {"data": CnnData, "model": CnnModel, "loss": CnnLoss, "adversarial": CnnAdversarial,
                 "diagnostics": CnnDiagnostics}
     collate_fn = staticmethod(collate)  # passes the device loader's ready batches through
+    tta_modes = ("none", "hflip")
+    predict_options = ("sample_submission", "probabilities")
+    tta: str = "none"  # of `predict`, set by predict_folder (infer.py --tta)
     free: FreePerturbation | None = None  # adversarial.mode=free: the perturbation that persists across batches
 
     val_set: Dataset | None = None  # kept by build_datasets: diagnostics.local_complexity_* measures around its images
@@ -135,6 +179,10 @@ class CnnTask(Task):
             raise ConfigError("key 'adversarial.mode': free adversarial training replays each batch m times and strengthens "
                               "its perturbation on every replay; set trainer.batch_replays to m > 1 (Shafahi et al. use "
                               "m = 8 on CIFAR-10), which also divides the passes over the data by m")
+        if is_multi_label(cfg.data) and (cfg.adversarial.mode != "none" or cfg.adversarial.eval_pgd_steps):
+            raise ConfigError("key 'adversarial.mode': the attacks maximise the cross-entropy of one label per image; "
+                              "multi-label data (one 0/1 column per class) trains with binary cross-entropy: set "
+                              "adversarial.mode=none and adversarial.eval_pgd_steps=0")
         spec, m = dataset_spec(cfg.data), cfg.model
         model = create_model(m.name, in_channels=spec.channels, num_classes=spec.num_classes, mean=spec.mean, std=spec.std,
                              width=m.width, norm=m.norm, dropout=m.dropout,
@@ -176,21 +224,59 @@ class CnnTask(Task):
             return fgsm(model, images, labels, adv.eps, random_start=True, alpha=adv.alpha)
         return pgd(model, images, labels, adv.eps, adv.alpha or 2.5 * adv.eps / adv.train_steps, adv.train_steps)
 
+    @property
+    def multi_label(self) -> bool:
+        return is_multi_label(self.cfg.data)
+
+    def per_class_names(self) -> list[str]:
+        """The classes with their own metric (acc_<class>): those of image files, up to PER_CLASS_METRICS_MAX."""
+        classes = self.cfg.data.classes if self.cfg.data.source in FILE_SOURCES else None
+        return list(classes) if classes and len(classes) <= PER_CLASS_METRICS_MAX else []
+
     def loss(self, outputs, batch) -> torch.Tensor:
         logits = outputs.clean if isinstance(outputs, RobustOutputs) else outputs
-        return F.cross_entropy(logits.float(), batch[1], label_smoothing=self.cfg.loss.label_smoothing)
+        smoothing = self.cfg.loss.label_smoothing
+        if self.multi_label:  # each class a yes/no question; smoothing pulls the 0/1 targets towards 1/2
+            target = batch[1].float() * (1 - smoothing) + smoothing / 2
+            return F.binary_cross_entropy_with_logits(logits.float(), target)
+        return F.cross_entropy(logits.float(), batch[1], label_smoothing=smoothing)
 
     def metric_names(self) -> list[str]:
-        return ["loss", "acc"] + (["robust_loss", "robust_acc"] if self.cfg.adversarial.eval_pgd_steps else [])
+        return (["loss", "acc"] + (["robust_loss", "robust_acc"] if self.cfg.adversarial.eval_pgd_steps else [])
+                + [f"acc_{name}" for name in self.per_class_names()])
 
     def metrics(self, outputs, batch) -> dict[str, torch.Tensor]:
         labels = batch[1]
         logits = outputs.clean if isinstance(outputs, RobustOutputs) else outputs
+        names = self.per_class_names()
+        if self.multi_label:  # loss: BCE averaged over the classes; acc: the fraction of classes right
+            target = labels.float()
+            right = ((logits > 0) == (target > 0.5)).float()
+            values = {"loss": F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").mean(1),
+                      "acc": right.mean(1)}
+            return values | {f"acc_{name}": right[:, k] for k, name in enumerate(names)}
         values = {
             "loss": F.cross_entropy(logits.float(), labels, reduction="none"),
             "acc": (logits.argmax(1) == labels).float(),
         }
+        for k, name in enumerate(names):  # NaN marks "another class"; the loop averages the rest: the recall of k
+            values[f"acc_{name}"] = torch.where(labels == k, values["acc"], torch.nan)
         if isinstance(outputs, RobustOutputs):
             values["robust_loss"] = F.cross_entropy(outputs.attacked.float(), labels, reduction="none")
             values["robust_acc"] = (outputs.attacked.argmax(1) == labels).float()
         return values
+
+    def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """(B, classes) probabilities: softmax, or for multi-label a sigmoid per class; with the
+        test-time augmentation `self.tta` ("hflip": averaged with the mirrored image's)."""
+        activation = torch.sigmoid if self.multi_label else lambda logits: logits.softmax(1)
+        probabilities = activation(model(images).float())
+        if self.tta == "hflip":
+            probabilities = (probabilities + activation(model(images.flip(dims=(3,))).float())) / 2
+        return probabilities
+
+    def predict_folder(self, model: nn.Module, folder: str, out: str | None, *, tta: str = "none", **options) -> dict:
+        """A test folder of images or a CSV of ids -> the submission CSV at `out`; a labelled folder (class
+        folders) or CSV -> accuracy, log-loss, per class and the confusion matrix (cnn/predict.py)."""
+        self.tta = tta
+        return predict_folder(self, model.eval(), folder, out, **options)

@@ -95,21 +95,26 @@ def print_json(values: dict) -> None:
 
 def predict_folder(paths: list[str], data: str, out: str | None, tta: str, batch_size: int | None,
                    num_workers: int, save_predictions: str | None, overrides: list[str] = (),
-                   physics: dict | None = None) -> dict:
+                   physics: dict | None = None, options: dict | None = None) -> dict:
     """The ensemble's predictions for a folder of data, in the task's own format (the task's
     `predict_folder`: e.g. a Kaggle submission, or metrics of a labelled folder). `physics`: the
     task's physics options (gwi: misfit / refinement, `gwi.submission.PhysicsOptions`), passed on
-    only when given, on the same device as the model. Output paths are checked first."""
+    only when given, on the same device as the model; `options`: the task's own (`Task.predict_options`),
+    each refused by a task that has no such option. Output paths are checked first."""
     for flag, path in (("--out", out), ("--save-predictions", save_predictions)):
         if path:
             check_output_file(flag, path)
     task, cfg, model = load_ensemble(paths, overrides)
     if tta not in task.tta_modes:
         raise UserError(f"--tta {tta}: task {task.name!r} has no such test-time augmentation; it has: {', '.join(task.tta_modes)}")
+    options = options or {}
+    for name in options:
+        if name not in task.predict_options:
+            raise UserError(f"--{name.replace('_', '-')}: task {task.name!r} has no such option")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.mixed_precision)
-    extra = {"physics": physics} if physics else {}
+    extra = ({"physics": physics} if physics else {}) | options
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda"):
         return task.predict_folder(model, data, out, tta=tta, batch_size=batch_size or cfg.trainer.eval_batch_size or cfg.trainer.batch_size,
                                    num_workers=num_workers, device=device, save_predictions=save_predictions, **extra)

@@ -57,6 +57,9 @@ class Task:
     collate_fn: Callable | None = None
     # The test-time augmentations `predict_folder` accepts (infer.py --tta); "none" is always one.
     tta_modes: tuple[str, ...] = ("none",)
+    # The task's own keyword options of `predict_folder` that infer.py may pass (e.g. cnn's
+    # sample_submission); any other is refused before a model is loaded.
+    predict_options: tuple[str, ...] = ()
 
     def __init__(self, cfg=None):
         self.cfg = cfg
