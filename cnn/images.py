@@ -33,7 +33,7 @@ TORCHVISION_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")  # what torchvision.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GRAY_MEAN, GRAY_STD = (0.449,), (0.226,)
 MULTI_LABEL_TRUE, MULTI_LABEL_FALSE = ("1", "1.0", "true", "True"), ("0", "0.0", "false", "False", "")
-_DECODER_PREFIX = re.compile(r"^\w+, \S+:\d+, ")  # torchvision's "decode_jpeg, /path/decode_jpeg.cpp:171, " prefix
+_DECODER_PREFIX = re.compile(r"^[^,]+, \S+\.cpp:\d+, ")  # torchvision's "decode_jpeg, /path/decode_jpeg.cpp:171, " prefix
 
 
 def is_image(name: str) -> bool:

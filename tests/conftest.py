@@ -16,6 +16,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from harness.cli import run_cli
+from image_files import write_folder
 from harness.config import load_config
 from harness.loop import train
 
@@ -189,6 +190,21 @@ def gwi_smoke_run(tmp_path_factory):
     train(load_config(SMOKE_GWI, [f"output_dir={run}", "trainer.epochs=1", "log.wandb=disabled", "data.time_steps=64",
                                   "log.plot=false"]))
     return run
+
+
+# A cnn run on a tiny folder of class folders (tests/image_files.py): three classes of 8 JPEG/PNG
+# images of 16-32 px in four modes, resized to 16 x 16, 12 updates.
+CNN_FOLDER_ARGS = ["data.source=folder", "data.image_size=16", "trainer.batch_size=4", "trainer.epochs=3", "optim.lr=0.02",
+                   "log.wandb=disabled", "log.plot=false", "log.progress=none"]
+
+
+@pytest.fixture(scope="session")
+def cnn_folder_run(tmp_path_factory):
+    """(run directory, its data folder): a cnn run on image files trained once for the session; tests only read it."""
+    root = tmp_path_factory.mktemp("cnn_folder")
+    write_folder(root / "train", per_class=8)
+    train(load_config(SMOKE_CNN, [*CNN_FOLDER_ARGS, f"data.root={root / 'train'}", f"output_dir={root / 'run'}"]))
+    return root / "run", root / "train"
 
 
 @pytest.fixture
