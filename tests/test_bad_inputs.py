@@ -4,7 +4,8 @@ from it (`python tests/test_bad_inputs.py` rewrites it) and a test keeps the two
 
 Each case runs the real entry point in this process (train.py's `run_cli`, `infer.main`,
 `gwi.convert.main`, `gwi.physics.synth.main`) on tiny files made in a temporary folder; `{tmp}` in a
-command is that folder, `{run}` a trained gwi smoke run (shared, read only). To add a case: one
+command is that folder, `{run}` a trained gwi smoke run and `{cnn_run}` a cnn run on image files
+(shared, read only). To add a case: one
 `Case(...)` below (with a `setup` making its files if it needs any), then run this file.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from gwi_files import write_test_dir, write_tree  # noqa: E402
+from image_files import write_csv, write_csv_layout, write_folder, write_sample_submission, write_test_folder  # noqa: E402
 
 SMOKE = "configs/smoke/gwi.yaml"
 QUIET = "log.wandb=disabled log.plot=false log.progress=none data.time_steps=64"
@@ -43,6 +45,10 @@ class Case:
     @property
     def needs_run(self) -> bool:
         return "{run}" in self.command or self.setup is run_without_best_meta
+
+    @property
+    def needs_cnn_run(self) -> bool:
+        return "{cnn_run}" in self.command
 
 
 # ---- files the cases read ---------------------------------------------------------------------------
@@ -114,7 +120,75 @@ def run_without_best_meta(tmp: Path, run: Path | None) -> None:
     (tmp / "run" / "checkpoints" / "best" / "meta.json").unlink()
 
 
+def image_folder(tmp: Path, run: Path | None) -> None:
+    write_folder(tmp / "train", per_class=4)
+
+
+def image_folder_with_empty_class(tmp: Path, run: Path | None) -> None:
+    image_folder(tmp, run)
+    for path in (tmp / "train" / "dog").iterdir():
+        path.unlink()
+
+
+def image_folder_with_empty_file(tmp: Path, run: Path | None) -> None:
+    image_folder(tmp, run)
+    (tmp / "train" / "owl" / "5.png").write_bytes(b"")
+
+
+def image_folder_with_corrupt_image(tmp: Path, run: Path | None) -> None:  # only decoding finds it: mid-run
+    image_folder(tmp, run)
+    path = tmp / "train" / "dog" / "4.jpg"
+    path.write_bytes(path.read_bytes()[:120])
+
+
+def train_csv(tmp: Path, run: Path | None) -> None:
+    write_csv_layout(tmp / "comp", count=9)
+
+
+def train_csv_missing_image(tmp: Path, run: Path | None) -> None:
+    train_csv(tmp, run)
+    (tmp / "comp" / "train" / "img003.png").unlink()
+
+
+def rewrite_train_csv(tmp: Path, change) -> None:
+    path = tmp / "comp" / "train.csv"
+    header, *rows = [line.split(",") for line in path.read_text().splitlines()]
+    write_csv(path, header, change(rows))
+
+
+def train_csv_id_twice(tmp: Path, run: Path | None) -> None:
+    train_csv(tmp, run)
+    rewrite_train_csv(tmp, lambda rows: rows[:6] + [rows[2]] + rows[6:])
+
+
+def train_csv_empty_label(tmp: Path, run: Path | None) -> None:
+    train_csv(tmp, run)
+    rewrite_train_csv(tmp, lambda rows: rows[:4] + [[rows[4][0], ""]] + rows[5:])
+
+
+def unlabelled_images(tmp: Path, run: Path | None) -> None:
+    write_test_folder(tmp / "test", count=4)
+
+
+def images_and_sample(header=("id", "label"), extra_ids=(), twice=False):
+    def setup(tmp: Path, run: Path | None) -> None:
+        ids, _ = write_test_folder(tmp / "test", count=4)
+        ids += list(extra_ids)
+        write_sample_submission(tmp / "sample.csv", ids + ids[1:2] if twice else ids, header=header, shuffle_seed=0)
+    return setup
+
+
+def images_one_corrupt(tmp: Path, run: Path | None) -> None:
+    unlabelled_images(tmp, run)
+    (tmp / "test" / "t02.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+
+
 INFER = "infer.py --checkpoint {run} --num-workers 0"
+CNN = "configs/smoke/cnn.yaml data.image_size=16 trainer.batch_size=4 sched.name=cosine " + QUIET.replace(" data.time_steps=64", "")
+FOLDER = f"{CNN} data.source=folder data.root={{tmp}}/train output_dir={{tmp}}/out"
+CSV = (f"{CNN} data.source=csv data.csv={{tmp}}/comp/train.csv data.images={{tmp}}/comp/train data.id_column=image_id "
+       "data.label_column=species output_dir={tmp}/out")
+INFER_CNN = "infer.py --checkpoint {cnn_run} --num-workers 0"
 
 CASES = [
     # train.py: config keys and values
@@ -140,6 +214,26 @@ CASES = [
          tree_with_text_file),
     Case("a NaN sample under data.roots (met mid-epoch)", f"train.py {SMOKE} {FILES} data.flip=false",
          "data1.npy: sample 1 contains NaN or inf values; the run stopped; saved", 1, tree_with_nan),
+    # train.py: image files (data.source=folder / csv)
+    Case("data.source=csv without data.csv", f"train.py {CNN} data.source=csv output_dir={{tmp}}/out",
+         "key 'data.csv': data.source=csv needs the path of the training CSV", 2),
+    Case("an empty class folder", f"train.py {FOLDER}", "{tmp}/train/dog: empty class 'dog': no images", 2,
+         image_folder_with_empty_class),
+    Case("a class folder not in data.classes (an unknown label)", f"train.py {FOLDER} data.classes=[cat,dog]",
+         "{tmp}/train/owl: unknown label 'owl'; the classes are cat, dog", 2, image_folder),
+    Case("an empty image file", f"train.py {FOLDER}", "{tmp}/train/owl/5.png: an empty file", 2, image_folder_with_empty_file),
+    Case("a corrupt image under data.root (met mid-epoch)", f"train.py {FOLDER} trainer.num_workers=1 trainer.batch_size=2",
+         "{tmp}/train/dog/4.jpg: not a readable image", 1, image_folder_with_corrupt_image),
+    Case("an image train.csv lists that is missing", f"train.py {CSV}",
+         "{tmp}/comp/train/img003.*: missing: no image file for id 'img003' (listed on {tmp}/comp/train.csv line 5", 2, train_csv_missing_image),
+    Case("an id listed twice in train.csv", f"train.py {CSV}",
+         "{tmp}/comp/train.csv line 8: id 'img002' listed twice (first on line 4)", 2, train_csv_id_twice),
+    Case("a label not in data.classes in train.csv", f"train.py {CSV} data.classes=[cat,dog]",
+         "{tmp}/comp/train.csv line 4: unknown label 'owl'; the classes are cat, dog", 2, train_csv),
+    Case("an empty label in train.csv", f"train.py {CSV}", "{tmp}/comp/train.csv line 6: no label in column 'species'", 2,
+         train_csv_empty_label),
+    Case("train.csv without the label column", f"train.py {CSV} data.label_column=label",
+         "{tmp}/comp/train.csv: no column 'label' (columns: image_id, species); set data.label_column", 2, train_csv),
     # infer.py
     Case("--out is a directory (checked before predicting a folder with a damaged file)",
          INFER + " --data {tmp}/test --out {tmp}", "--out {tmp}: is a directory; give a file path", 2, kaggle_truncated),
@@ -158,6 +252,22 @@ CASES = [
     Case("--batch-size 0", INFER + " --data {tmp}/test --batch-size 0", "argument --batch-size: expected a value >= 1, got 0", 2),
     Case("a physics option without its switch", INFER + " --data {tmp}/test --refine-tv 1",
          "--refine-tv / --refine-lr: they only act with --refine-steps N", 2),
+    Case("a sample-submission id without an image", INFER_CNN + " --data {tmp}/test --out {tmp}/s.csv --sample-submission "
+         "{tmp}/sample.csv", "{tmp}/test/t09.*: missing: no image file for id 't09'", 2, images_and_sample(extra_ids=["t09"])),
+    Case("a sample submission listing an id twice", INFER_CNN + " --data {tmp}/test --out {tmp}/s.csv --sample-submission "
+         "{tmp}/sample.csv", "{tmp}/sample.csv line 6: id 't01' listed twice", 2, images_and_sample(twice=True)),
+    Case("--probabilities with a one-column sample submission", INFER_CNN + " --data {tmp}/test --out {tmp}/s.csv "
+         "--sample-submission {tmp}/sample.csv --probabilities", "--probabilities: --sample-submission {tmp}/sample.csv has "
+         "one answer column ('label')", 2, images_and_sample()),
+    Case("sample-submission columns that are not the classes", INFER_CNN + " --data {tmp}/test --out {tmp}/s.csv "
+         "--sample-submission {tmp}/sample.csv --probabilities", "answer columns cat, cow are neither one label column nor one "
+         "per class", 2, images_and_sample(header=("id", "cat", "cow"))),
+    Case("a corrupt image in a test folder", INFER_CNN + " --data {tmp}/test --out {tmp}/s.csv",
+         "{tmp}/test/t02.jpg: not a readable image", 2, images_one_corrupt),
+    Case("--out with a folder of class folders", INFER_CNN + " --data {tmp}/train --out {tmp}/s.csv",
+         "--out: {tmp}/train holds class folders and is scored, not submitted", 2, image_folder),
+    Case("a classification option for the seismic task", INFER + " --data {tmp}/test --out {tmp}/s.csv --probabilities",
+         "--probabilities: task 'gwi' has no such option", 2, kaggle_folder),
     Case("--checkpoint of a folder without checkpoints", "infer.py --checkpoint {tmp}", "no complete checkpoint", 2),
     Case("--checkpoint of a run whose best/meta.json is missing", "infer.py --checkpoint {tmp}/run",
          "checkpoints/best' is incomplete (no meta.json", 2, run_without_best_meta),
@@ -195,10 +305,10 @@ def entry_point(name: str):
     raise ValueError(f"unknown entry point {name!r}")
 
 
-def run_case(case: Case, tmp: Path, run: Path | None, capsys) -> tuple[int, str]:
+def run_case(case: Case, tmp: Path, run: Path | None, capsys, cnn_run: Path | None = None) -> tuple[int, str]:
     if case.setup is not None:
         case.setup(tmp, run)
-    name, *argv = shlex.split(case.command.format(tmp=tmp, run=run))
+    name, *argv = shlex.split(case.command.format(tmp=tmp, run=run, cnn_run=cnn_run))
     try:
         code = entry_point(name)(argv)
     except SystemExit as stop:  # argparse
@@ -212,13 +322,19 @@ def smoke_run_if_needed(request):
     return request.getfixturevalue("gwi_smoke_run") if case.needs_run else None
 
 
+@pytest.fixture
+def cnn_run_if_needed(request):
+    case = request.getfixturevalue("case")
+    return request.getfixturevalue("cnn_folder_run")[0] if case.needs_cnn_run else None
+
+
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("case", CASES, ids=[c.input for c in CASES])
-def test_bad_input_gives_one_line_naming_it(case, tmp_path, smoke_run_if_needed, capsys, monkeypatch):
+def test_bad_input_gives_one_line_naming_it(case, tmp_path, smoke_run_if_needed, cnn_run_if_needed, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     for key, value in case.env.items():
         monkeypatch.setenv(key, value)
-    code, err = run_case(case, tmp_path, smoke_run_if_needed, capsys)
+    code, err = run_case(case, tmp_path, smoke_run_if_needed, capsys, cnn_run_if_needed)
     errors = [line for line in err.splitlines() if line.startswith(("error: ", "run failed: "))]
     assert len(errors) == 1, err
     assert case.message.format(tmp=tmp_path) in errors[0], err

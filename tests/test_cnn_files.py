@@ -212,6 +212,18 @@ def test_validation_refuses_a_broken_submission(tmp_path):
         validate_submission(tmp_path / "p.csv", ["id", *CLASSES], ids, "probabilities", list(CLASSES))
 
 
+def test_a_corrupt_image_met_mid_run_saves_and_names_it(tmp_path, capsys):
+    write_folder(tmp_path / "train", per_class=4)
+    bad = tmp_path / "train" / "dog" / "4.jpg"
+    bad.write_bytes(bad.read_bytes()[:120])  # a cut JPEG: listed like any other, found only by decoding it
+    done = train_here(capsys, SMOKE_CNN, *CNN_FOLDER_ARGS, "trainer.batch_size=2", "trainer.num_workers=1", "sched.name=cosine",
+                      f"data.root={tmp_path / 'train'}", f"output_dir={tmp_path / 'run'}")
+    assert done.returncode == 1
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("run failed: ")]
+    assert f"{bad}: not a readable image" in line and "the run stopped; saved" in line
+    assert ckpt.read_meta(tmp_path / "run" / "checkpoints" / "last")["reason"] == ckpt.DATA_ERROR_REASON
+
+
 # ---- train.csv layouts ----------------------------------------------------------------------------------
 
 
