@@ -44,7 +44,7 @@ class CnnData(Section):
     val_fraction: float = Field(0.2, gt=0, lt=1, description="folder, csv: fraction of each class held out (seeded by data.split_seed) to validate on")
     val_root: Optional[str] = Field(None, description="folder: validate on this folder of class folders instead of a fraction of data.root")
     download: bool = Field(False, description="let torchvision download a missing dataset into data.root (needs internet)")
-    val_size: int = Field(5000, ge=1, description="training images held out (seeded by data.split_seed) to validate on")
+    val_size: int = Field(5000, ge=1, description="torchvision sources: training images held out (seeded by data.split_seed) to validate on")
     val_on_test: bool = Field(False, description="validate on the official test split instead (and train on the whole training split)")
     split_seed: int = Field(0, description="seed of the validation hold-out (data.val_size or data.val_fraction)")
     augment: list[Augmentation] = Field([], description="training augmentation, applied in the order listed")
