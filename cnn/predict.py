@@ -11,7 +11,7 @@ What `--data` is decides what happens:
   per image (.csv), and beside it `<name>_confusion.png`.
 
 The answer is a class name per image (as training named them), or with --probabilities one column
-per class. A sample with one column per class and multi-label data is answered 0/1 per class (the
+per class (two classes and one answer column: the second class's probability). A sample with one column per class and multi-label data is answered 0/1 per class (the
 probability with --probabilities); a sample with one answer column and multi-label data gets the
 space-separated names of the classes at probability >= 0.5. The CSV is written under a temporary
 name, read back and checked (header, every id once in order, every value a class name or a number in
@@ -119,7 +119,9 @@ def default_answer(dc, classes: list[str], probabilities: bool) -> list[str]:
 
 def answer_format(header: list[str], classes: list[str], multi_label: bool, probabilities: bool,
                   sample: str | None) -> tuple[str, list[int]]:
-    """("label" | "labels" | "binary" | "probabilities", the class index of each answer column)."""
+    """("label" | "labels" | "binary" | "probabilities", the class index of each answer column). Two
+    classes and one answer column with --probabilities: the probability of the second class (a binary
+    competition's "probability of 1 / of the positive class")."""
     answer, where = header[1:], f"--sample-submission {sample}" if sample else "the submission"
     if sorted(answer) == sorted(classes):
         if probabilities:
@@ -129,9 +131,11 @@ def answer_format(header: list[str], classes: list[str], multi_label: bool, prob
         raise UserError(f"{where}: one column per class ({', '.join(answer[:5])}{', ...' if len(answer) > 5 else ''}); "
                         "add --probabilities to write each class's probability")
     if len(answer) == 1 and answer[0] not in classes:
+        if probabilities and len(classes) == 2 and not multi_label:
+            return "probabilities", [1]
         if probabilities:
-            raise UserError(f"--probabilities: {where} has one answer column ({answer[0]!r}), not one per class; "
-                            "drop --probabilities to write class names")
+            raise UserError(f"--probabilities: {where} has one answer column ({answer[0]!r}), not one per class "
+                            "(one column of probabilities needs two classes); drop --probabilities to write class names")
         return ("labels" if multi_label else "label"), []
     missing, unknown = [c for c in classes if c not in answer], [c for c in answer if c not in classes]
     raise UserError(f"{where}: answer columns {', '.join(answer)} are neither one label column nor one per class of the "

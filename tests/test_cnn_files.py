@@ -173,6 +173,25 @@ def test_probabilities_in_the_sample_column_order_and_hflip_tta(cnn_folder_run, 
     assert p[0] == pytest.approx(expected[[CLASSES.index(c) for c in header[1:]]], abs=2e-6)
 
 
+def test_two_classes_and_one_probability_column_answer_the_second_class(tmp_path, capsys):
+    write_folder(tmp_path / "train", per_class=4)
+    for owl in (tmp_path / "train" / "owl").iterdir():
+        owl.unlink()
+    (tmp_path / "train" / "owl").rmdir()
+    done = train_here(capsys, SMOKE_CNN, *CNN_FOLDER_ARGS, "trainer.epochs=1", "sched.name=cosine",
+                      f"data.root={tmp_path / 'train'}", f"output_dir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr
+    ids, _ = write_test_folder(tmp_path / "test", count=4)
+    write_sample_submission(tmp_path / "sample.csv", ids, header=("id", "is_dog"))
+    base = ["--checkpoint", tmp_path / "run", "--data", tmp_path / "test", "--sample-submission", tmp_path / "sample.csv"]
+    infer_json(capsys, *base, "--out", tmp_path / "p.csv", "--probabilities")
+    write_sample_submission(tmp_path / "both.csv", ids, header=("id", "cat", "dog"))
+    infer_json(capsys, *base[:-1], tmp_path / "both.csv", "--out", tmp_path / "both_p.csv", "--probabilities")
+    one = {r[0]: float(r[1]) for r in read_rows(tmp_path / "p.csv")[1:]}
+    both = {r[0]: float(r[2]) for r in read_rows(tmp_path / "both_p.csv")[1:]}
+    assert read_rows(tmp_path / "p.csv")[0] == ["id", "is_dog"] and one == pytest.approx(both, abs=1e-6)
+
+
 def test_a_labelled_folder_is_scored_with_its_confusion_matrix(cnn_folder_run, tmp_path, capsys):
     run, data = cnn_folder_run
     saved = tmp_path / "oof.csv"
