@@ -23,6 +23,7 @@ import csv
 import io
 import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,8 @@ PROBABILITY_DIGITS = 6
 def predict_folder(task, model, data: str, out: str | None, *, batch_size: int, num_workers: int, device,
                    save_predictions: str | None = None, sample_submission: str | None = None,
                    probabilities: bool = False) -> dict:
+    """The task's folder prediction (see the module's docstring): labelled data is scored, test images
+    are answered into `out`. Everything is listed and checked before the first image is decoded."""
     dc = task.cfg.data
     classes = class_names(dc)
     data = Path(data)
@@ -70,7 +73,7 @@ def predict_folder(task, model, data: str, out: str | None, *, batch_size: int, 
             return score(task, model, paths, targets, classes, batch_size, num_workers, device, save_predictions)
         ids = [path.stem for path in top]
         folder, listed_in = data, None
-        twice = sorted({i for i in ids if ids.count(i) > 1})
+        twice = sorted(file_id for file_id, n in Counter(ids).items() if n > 1)
         if twice:
             raise UserError(f"--data {data}: id {twice[0]!r} has two images ({', '.join(p.name for p in top if p.stem == twice[0])})")
     else:

@@ -183,6 +183,11 @@ def images_one_corrupt(tmp: Path, run: Path | None) -> None:
     (tmp / "test" / "t02.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
 
 
+def images_one_id_twice(tmp: Path, run: Path | None) -> None:
+    unlabelled_images(tmp, run)
+    shutil.copy(tmp / "test" / "t01.png", tmp / "test" / "t01.jpg")
+
+
 INFER = "infer.py --checkpoint {run} --num-workers 0"
 CNN = "configs/smoke/cnn.yaml data.image_size=16 trainer.batch_size=4 sched.name=cosine " + QUIET.replace(" data.time_steps=64", "")
 FOLDER = f"{CNN} data.source=folder data.root={{tmp}}/train output_dir={{tmp}}/out"
@@ -264,6 +269,8 @@ CASES = [
          "per class", 2, images_and_sample(header=("id", "cat", "cow"))),
     Case("a corrupt image in a test folder", INFER_CNN + " --data {tmp}/test --out {tmp}/s.csv",
          "{tmp}/test/t02.jpg: not a readable image", 2, images_one_corrupt),
+    Case("a test image id with two files", INFER_CNN + " --data {tmp}/test --out {tmp}/s.csv",
+         "--data {tmp}/test: id 't01' has two images (t01.jpg, t01.png)", 2, images_one_id_twice),
     Case("--out with a folder of class folders", INFER_CNN + " --data {tmp}/train --out {tmp}/s.csv",
          "--out: {tmp}/train holds class folders and is scored, not submitted", 2, image_folder),
     Case("a classification option for the seismic task", INFER + " --data {tmp}/test --out {tmp}/s.csv --probabilities",
