@@ -132,6 +132,17 @@ def test_folder_run_keeps_its_class_names_and_logs_each_class(cnn_folder_run):
     assert np.mean([evals[-1][f"val/acc_{name}"] for name in CLASSES]) == pytest.approx(evals[-1]["val/acc"])
 
 
+def test_a_resume_reads_the_same_classes_and_refuses_a_new_one(tmp_path, capsys):
+    write_folder(tmp_path / "train", per_class=3)
+    args = [SMOKE_CNN, *CNN_FOLDER_ARGS, "sched.name=cosine", f"data.root={tmp_path / 'train'}", f"output_dir={tmp_path / 'run'}"]
+    assert train_here(capsys, *args, "trainer.epochs=1").returncode == 0
+    resumed = train_here(capsys, *args, "trainer.epochs=2")
+    assert resumed.returncode == 0 and "data.classes" not in resumed.stdout + resumed.stderr
+    save(tmp_path / "train" / "yak" / "0.png", np.zeros((16, 16, 3), np.uint8), "RGB")
+    refused = train_here(capsys, *args, "trainer.epochs=3")
+    assert refused.returncode == 2 and "key 'data.classes'" in refused.stderr
+
+
 def test_submission_follows_the_sample_header_and_order(cnn_folder_run, tmp_path, capsys):
     run, _ = cnn_folder_run
     ids, _ = write_test_folder(tmp_path / "test")
