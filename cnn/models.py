@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from harness.errors import ConfigError, UserError
+from harness.optim import nested_group_matcher
 from harness.registry import Registry
 
 MODELS = Registry("model")
@@ -96,6 +97,10 @@ class ImageClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalize(x))
+
+    def group_matcher(self, coarse: bool = False):
+        """The blocks of `net` (timm models number theirs), for optim.layer_decay."""
+        return nested_group_matcher(self.net, "net.")
 
 
 class Scale(nn.Module):

@@ -13,9 +13,10 @@ from types import UnionType
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
 from harness.errors import ConfigError
+from harness.optim import betas_problem, name_problem, opt_args_problem
 from harness.task import Section, get_task
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -47,16 +48,40 @@ class Trainer(Section):
 
 
 class Optim(Section):
-    name: Literal["adamw", "sgd"] = Field("adamw", description="sgd is SGD with (Nesterov) momentum")
+    name: str = Field("adamw", description="any optimizer in timm.optim.list_optimizers(): adamw, sgd (Nesterov momentum), momentum (classical), lion, lamb, muon, adamuon, ...")
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
-    weight_decay: float = Field(0.01, ge=0, description="decoupled (adamw) or L2 (sgd)")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="adamw")
-    momentum: float = Field(0.9, ge=0, description="sgd")
-    nesterov: bool = Field(True, description="sgd")
+    weight_decay: float = Field(0.01, ge=0, description="as the optimizer applies it: decoupled (adamw, lion, muon) or L2 (sgd)")
+    betas: Optional[list[float]] = Field(None, description="optimizers with betas (adamw, lion, muon's AdamW part, ...); null = the optimizer's own (adamw 0.9/0.999, lion 0.9/0.99, muon 0.9/0.95)")
+    eps: Optional[float] = Field(None, gt=0, description="optimizers with an epsilon; null = the optimizer's own")
+    momentum: float = Field(0.9, ge=0, description="optimizers with momentum (sgd, muon, lars, ...); 0.9 for all, as timm's factory does (Muon's paper uses 0.95)")
+    nesterov: Optional[bool] = Field(None, description="optimizers with a Nesterov switch; null = the name's own (sgd on, momentum off, muon off, nmuon on)")
+    layer_decay: Optional[float] = Field(None, gt=0, le=1, description="layer-wise lr decay: each block's lr x layer_decay per block above it, by the model's group_matcher(); null = off")
+    opt_args: dict[str, Any] = Field({}, description="further keyword arguments of the optimizer's class, e.g. {ns_steps: 6} for muon")
     no_decay_bias_norm: bool = Field(True, description="no weight decay on biases and norm weights")
     sam_rho: Optional[float] = Field(None, gt=0, description="Sharpness-Aware Minimization around the optimizer: radius of the weight perturbation (SAM ~0.05, ASAM ~0.5-2); null = off")
     sam_adaptive: bool = Field(False, description="ASAM: perturbation scaled per weight by |w| + sam_eta")
     sam_eta: float = Field(0.01, ge=0, description="ASAM: added to |w| so zero weights are perturbed too")
+
+    @field_validator("name")
+    @classmethod
+    def _known_to_timm(cls, value: str) -> str:
+        if problem := name_problem(value):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("betas")
+    @classmethod
+    def _as_many_as_it_takes(cls, value, info: ValidationInfo):
+        if "name" in info.data and (problem := betas_problem(info.data["name"], value)):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("opt_args")
+    @classmethod
+    def _its_arguments(cls, value: dict, info: ValidationInfo) -> dict:
+        if "name" in info.data and (problem := opt_args_problem(info.data["name"], value)):
+            raise ValueError(problem)
+        return value
 
 
 class Sched(Section):

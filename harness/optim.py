@@ -1,34 +1,115 @@
-"""Optimizers, learning-rate schedules and the weight EMA, built by name from the config."""
+"""Optimizers (any of timm's by name), learning-rate schedules and the weight EMA, built from the config.
+
+Optimizers come from timm's factory (`timm.optim.create_optimizer_v2`), one path for every name in
+`timm.optim.list_optimizers()`: it drops the arguments an optimizer does not take (betas, eps,
+momentum), applies the name's own defaults (`sgd` is Nesterov SGD, `momentum` classical SGD, `nmuon`
+Nesterov Muon), and builds the weight-decay groups (no decay on 1-D parameters, i.e. biases and norm
+weights, when optim.no_decay_bias_norm, nor on the names the model's `no_weight_decay()` lists) and the
+layer-decay groups (from the model's `group_matcher()`).
+
+Muon is timm's (`muon`, `nmuon`, `adamuon`, `nadamuon`), not `torch.optim.Muon`: torch's accepts 2-D
+matrices only, so every conv kernel, bias and norm weight would need a second optimizer beside it (two
+state dicts, two schedules, two SAM and LR-finder paths). timm's orthogonalises every weight with at
+least two dimensions of size >= 4 (conv kernels flattened to out x in*kh*kw; aspect ratio <= 128) and
+gives the rest (biases, norm weights, depthwise kernels, position embeddings) an AdamW update inside the
+same optimizer; it records the choice per parameter in its state (`use_muon`).
+"""
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 
 import torch
+from timm.models import group_parameters
+from timm.optim import create_optimizer_v2, get_optimizer_class, get_optimizer_info, list_optimizers
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from harness.errors import ConfigError
 
-def param_groups(model: nn.Module, weight_decay: float, skip_bias_and_norm: bool) -> list[dict]:
-    """Weight decay on weight matrices and kernels only: decaying biases and norm scales hurts
-    (the usual practice in timm and the fast CIFAR recipes)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if skip_bias_and_norm and param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+OWN_KEYS = ("lr", "weight_decay", "momentum", "betas", "eps", "nesterov")  # optim.* keys of their own, not opt_args
+
+
+def constructor_args(name: str) -> set[str] | None:
+    """The keyword arguments of optimizer `name`'s class; None for the apex / bitsandbytes ones, which
+    timm names by import path and imports only when they are built (they need CUDA)."""
+    opt_class = get_optimizer_info(name).opt_class
+    if isinstance(opt_class, str):
+        return None
+    return set(inspect.signature(opt_class).parameters) - {"self", "params"}
+
+
+def name_problem(name: str) -> str | None:
+    """What is wrong with `optim.name`, or None: unknown to timm (with the nearest names), or an
+    optimizer that needs second-order gradients, which the loop does not compute."""
+    known = list_optimizers()
+    if name not in known:
+        near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        return (f"unknown optimizer {name!r}" + (f"; nearest: {', '.join(near)}" if near else "")
+                + f" (any of the {len(known)} in timm.optim.list_optimizers())")
+    if get_optimizer_info(name).second_order:
+        return f"{name} needs second-order gradients (a backward with create_graph), which the loop does not take"
+    return None
+
+
+def betas_problem(name: str, betas) -> str | None:
+    info = get_optimizer_info(name)
+    if betas is not None and info.has_betas and len(betas) != info.num_betas:
+        return f"{name} takes {info.num_betas} betas, got {len(betas)}"
+    return None
+
+
+def opt_args_problem(name: str, opt_args: dict) -> str | None:
+    own = [key for key in opt_args if key in OWN_KEYS]
+    if own:
+        return f"{own[0]!r} has its own key: set optim.{own[0]} instead"
+    takes = constructor_args(name)
+    unknown = sorted(set(opt_args) - takes) if takes is not None else []
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], takes - set(OWN_KEYS), n=1)
+        hint = f"nearest: {near[0]}" if near else f"it takes {', '.join(sorted(takes - set(OWN_KEYS)))}"
+        return f"{name} takes no argument {unknown[0]!r}; {hint}"
+    return None
+
+
+def nested_group_matcher(inner: nn.Module, prefix: str):
+    """A `group_matcher` for a model that wraps a timm model `inner` as attribute `prefix` (e.g. "net."),
+    so layer decay numbers the wrapper's parameters by `inner`'s blocks; the wrapper's own parameters
+    (a decoder, a head) come last, at the full lr. A model without a group_matcher is one layer."""
+    if not hasattr(inner, "group_matcher"):
+        return lambda name: 0
+    layers = group_parameters(inner, inner.group_matcher(coarse=False), reverse=True)
+    top = max(layers.values()) + 1
+    return lambda name: layers.get(name[len(prefix):], top) if name.startswith(prefix) else top
 
 
 def build_optimizer(oc, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, oc.weight_decay, oc.no_decay_bias_norm)
-    if oc.name == "adamw":
-        return torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas))
-    if oc.name == "sgd":
-        return torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum, nesterov=oc.nesterov and oc.momentum > 0)
-    raise ValueError(f"unknown optimizer {oc.name!r}")
+    try:
+        get_optimizer_class(oc.name)  # the apex / bitsandbytes names import their package here and assert CUDA
+    except (ImportError, AssertionError) as err:
+        raise ConfigError(f"key 'optim.name': {oc.name} cannot be built here ({err or 'needs CUDA'})") from None
+    kwargs = dict(oc.opt_args)
+    if oc.betas is not None:
+        kwargs["betas"] = tuple(oc.betas)
+    if oc.eps is not None:
+        kwargs["eps"] = oc.eps
+    if "nesterov" in (constructor_args(oc.name) or ()):
+        if oc.momentum == 0:
+            kwargs["nesterov"] = False  # torch's SGD refuses Nesterov without momentum
+        elif oc.nesterov is not None:
+            kwargs["nesterov"] = oc.nesterov
+    optimizer = create_optimizer_v2(model, oc.name, lr=oc.lr, weight_decay=oc.weight_decay, momentum=oc.momentum,
+                                    filter_bias_and_bn=oc.no_decay_bias_norm, layer_decay=oc.layer_decay, **kwargs)
+    for group in optimizer.param_groups:
+        group["lr"] *= group.pop("lr_scale", 1.0)  # timm's schedulers apply a layer's lr_scale, torch's ignore it
+    # Group 0 at the full lr (the loop logs it as train/lr; the LR finder scales the others by their ratio
+    # to it), decayed before undecayed: the order of the hand-built adamw / sgd, so their checkpoints resume.
+    optimizer.param_groups.sort(key=lambda group: (-group["lr"], -group["weight_decay"]))
+    if oc.layer_decay is not None and oc.layer_decay < 1 and len({group["lr"] for group in optimizer.param_groups}) == 1:
+        raise ConfigError(f"key 'optim.layer_decay': {type(model).__name__} has no layers to decay over; layer decay needs "
+                          "a model whose group_matcher() numbers its blocks (timm's models have one)")
+    return optimizer
 
 
 def build_scheduler(sc, optimizer: torch.optim.Optimizer, total_steps: int, mode: str):
@@ -37,8 +118,6 @@ def build_scheduler(sc, optimizer: torch.optim.Optimizer, total_steps: int, mode
     total_steps = max(total_steps, 1)
     if sc.name == "onecycle":
         if sc.pct_start * total_steps <= 1:  # torch's OneCycleLR divides by zero on a rise of one update or less
-            from harness.errors import ConfigError
-
             raise ConfigError(f"key 'sched.name': onecycle needs sched.pct_start x updates > 1, got {sc.pct_start} x "
                               f"{total_steps}; train longer or use sched.name=cosine")
         # cycle_momentum off: the configured momentum / betas stay what the config says.

@@ -203,6 +203,8 @@ CASES = [
          "key 'trainer.epochs': expected a number, got true (a YAML boolean", 2),
     Case("zero epochs", f"train.py {SMOKE} trainer.epochs=0", "key 'trainer.epochs': expected int, got 0", 2),
     Case("a config file that does not exist", "train.py nosuch.yaml", "config file 'nosuch.yaml' not found", 2),
+    Case("an optimizer timm does not know", f"train.py {SMOKE} optim.name=adamww",
+         "key 'optim.name': unknown optimizer 'adamww'; nearest: adamw", 2),
     Case("an unknown task", f"train.py {SMOKE} task=nosuch", "key 'task': unknown task 'nosuch'; known tasks: cnn, gwi", 2),
     Case("a batch larger than the training set", f"train.py {SMOKE} trainer.batch_size=1000 data.num_train=16 {QUIET} "
          "output_dir={tmp}/out", "key 'trainer.batch_size': 1000 is larger than the training set (16 samples)", 2),

@@ -92,7 +92,7 @@ def assert_identical(a, b, where="state"):
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw", "lion", "muon"])
 def test_range_test_restores_weights_buffers_and_optimizer_state_exactly(optimizer_name):
     accelerator, task, model, optimizer, loader = smoke_setup(f"optim.name={optimizer_name}", "model.dropout=0.2")
     optimizer.param_groups[1]["lr"] = 0.5 * optimizer.param_groups[0]["lr"]  # unequal groups keep their ratio
