@@ -53,7 +53,7 @@ class Optim(Section):
     weight_decay: float = Field(0.01, ge=0, description="as the optimizer applies it: decoupled (adamw, lion, muon) or L2 (sgd)")
     betas: Optional[list[float]] = Field(None, description="optimizers with betas (adamw, lion, muon's AdamW part, ...); null = the optimizer's own (adamw 0.9/0.999, lion 0.9/0.99, muon 0.9/0.95)")
     eps: Optional[float] = Field(None, gt=0, description="optimizers with an epsilon; null = the optimizer's own")
-    momentum: float = Field(0.9, ge=0, description="optimizers with momentum (sgd, muon, lars, ...); 0.9 for all, as timm's factory does (Muon's paper uses 0.95)")
+    momentum: float = Field(0.9, ge=0, description="optimizers with momentum (sgd, muon, lars, ...); 0.9 for each, as timm's factory does (its Muon class defaults to 0.95)")
     nesterov: Optional[bool] = Field(None, description="optimizers with a Nesterov switch; null = the name's own (sgd on, momentum off, muon off, nmuon on)")
     layer_decay: Optional[float] = Field(None, gt=0, le=1, description="layer-wise lr decay: each block's lr x layer_decay per block above it, by the model's group_matcher(); null = off")
     opt_args: dict[str, Any] = Field({}, description="further keyword arguments of the optimizer's class, e.g. {ns_steps: 6} for muon")
@@ -65,6 +65,7 @@ class Optim(Section):
     @field_validator("name")
     @classmethod
     def _known_to_timm(cls, value: str) -> str:
+        value = value.lower()  # as timm's factory reads it: AdamW is adamw
         if problem := name_problem(value):
             raise ValueError(problem)
         return value

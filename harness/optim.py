@@ -4,8 +4,8 @@ Optimizers come from timm's factory (`timm.optim.create_optimizer_v2`), one path
 `timm.optim.list_optimizers()`: it drops the arguments an optimizer does not take (betas, eps,
 momentum), applies the name's own defaults (`sgd` is Nesterov SGD, `momentum` classical SGD, `nmuon`
 Nesterov Muon), and builds the weight-decay groups (no decay on 1-D parameters, i.e. biases and norm
-weights, when optim.no_decay_bias_norm, nor on the names the model's `no_weight_decay()` lists) and the
-layer-decay groups (from the model's `group_matcher()`).
+weights, when optim.no_decay_bias_norm, since decaying them hurts, nor on the names the model's
+`no_weight_decay()` lists) and the layer-decay groups (from the model's `group_matcher()`).
 
 Muon is timm's (`muon`, `nmuon`, `adamuon`, `nadamuon`), not `torch.optim.Muon`: torch's accepts 2-D
 matrices only, so every conv kernel, bias and norm weight would need a second optimizer beside it (two

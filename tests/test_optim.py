@@ -18,6 +18,7 @@ from harness.errors import ConfigError
 from harness.loop import train
 from harness.optim import build_optimizer
 from harness.task import get_task
+from timm.optim import list_optimizers
 from test_run_folder import assert_same_run, in_child, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -161,8 +162,39 @@ def test_layer_decay_scales_each_block_of_a_timm_model_and_needs_one():
         build_optimizer(cfg.optim, model)
 
 
+# Under test-all: kron's first step alone takes 40 s on one core; the default run trains adamw, sgd,
+# lion and muon (test_each_optimizer_trains_the_cnn_smoke_run) and refuses the others' mistakes.
+@pytest.mark.slow
+def test_every_timm_optimizer_takes_a_few_steps_from_the_factory_or_is_refused_in_one_line():
+    refused = {}
+    for name in list_optimizers():
+        torch.manual_seed(0)
+        model = Routed()
+        try:
+            optimizer = build_optimizer(load_config(SMOKE_CNN, [f"optim.name={name}"]).optim, model)
+        except ConfigError as err:
+            refused[name] = str(err)
+            continue
+        start = copy.deepcopy(model.state_dict())
+        for step in range(3):
+            outputs, side = model(torch.randn(16, 3, 8, 8))
+            (outputs.square().mean() + side.square().mean()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if step == 0:  # what a checkpoint and its resume do to the state
+                optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        weights = model.state_dict()
+        assert all(torch.isfinite(weights[key]).all() for key in weights), name
+        assert not torch.equal(weights["hidden.weight"], start["hidden.weight"]), name
+    # Second-order adahessian, and the apex / bitsandbytes ones, which need CUDA and their package.
+    assert sorted(refused) == sorted(["adahessian", *(n for n in list_optimizers() if n.startswith(("bnb", "fused")))])
+    assert all(message.count("\n") == 0 and "key 'optim.name'" in message for message in refused.values())
+    assert len(list_optimizers()) - len(refused) > 80
+
+
 @pytest.mark.parametrize("override,message", [
     ("optim.name=adamww", "key 'optim.name': unknown optimizer 'adamww'; nearest: adamw"),
+    ("optim.name=AdamWW", "key 'optim.name': unknown optimizer 'adamww'; nearest: adamw"),
     ("optim.name=adahessian", "key 'optim.name': adahessian needs second-order gradients"),
     ("optim.betas=[0.9,0.99,0.9]", "key 'optim.betas': adamw takes 2 betas, got 3"),
     ("optim.opt_args.ns_step=6", "key 'optim.opt_args': adamw takes no argument 'ns_step'"),
@@ -185,8 +217,9 @@ FEW_STEPS = ["log.wandb=disabled", "log.plot=false", "log.progress=none", "train
 
 @pytest.mark.parametrize("optim_args", [
     ("optim.name=adamw",), ("optim.name=sgd", "optim.lr=0.1"), ("optim.name=lion", "optim.lr=1e-3"),
-    ("optim.name=muon",), ("optim.name=muon", "optim.sam_rho=0.05"), ("optim.name=lion", "optim.lr=1e-3", "optim.sam_rho=0.05"),
-], ids=["adamw", "sgd", "lion", "muon", "muon-sam", "lion-sam"])
+    ("optim.name=muon",), ("optim.name=adamuon",), ("optim.name=muon", "optim.sam_rho=0.05"),
+    ("optim.name=lion", "optim.lr=1e-3", "optim.sam_rho=0.05"),
+], ids=["adamw", "sgd", "lion", "muon", "adamuon", "muon-sam", "lion-sam"])
 def test_each_optimizer_trains_the_cnn_smoke_run(tmp_path, optim_args):
     train(load_config(SMOKE_CNN, [f"output_dir={tmp_path}", *FEW_STEPS, *optim_args]))
     evals = [row for row in read_metrics(tmp_path) if "val/loss" in row]
