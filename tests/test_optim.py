@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SMOKE_CNN, SMOKE_GWI, read_metrics
+from conftest import ROOT, SMOKE_CNN, SMOKE_GWI, read_metrics
 from harness import checkpoint as ckpt
 from harness.config import load_config
 from harness.errors import ConfigError
@@ -47,8 +47,9 @@ def task_model(config, *overrides: str) -> tuple[object, nn.Module]:
     return cfg, get_task(cfg.task, cfg).build_model(cfg)
 
 
-def layout(optimizer) -> list[tuple[list[int], float, float]]:
-    return [([id(p) for p in group["params"]], group["lr"], group["weight_decay"]) for group in optimizer.param_groups]
+def layout(optimizer) -> tuple[type, list[dict]]:
+    """The optimizer's class and its groups: which parameters, at what lr, decay, momentum, betas, ..."""
+    return type(optimizer), [group | {"params": [id(p) for p in group["params"]]} for group in optimizer.param_groups]
 
 
 MODELS = [(SMOKE_CNN, ()), (SMOKE_CNN, ("model.name=resnet9", "model.width=8")), (SMOKE_GWI, ())]
@@ -66,6 +67,18 @@ def test_the_factory_groups_and_decays_the_parameters_as_the_hand_built_optimize
     cfg, model = task_model(config, *model_args, "optim.weight_decay=0")
     decay = {id(p): group["weight_decay"] for group in build_optimizer(cfg.optim, model).param_groups for p in group["params"]}
     assert decay == {id(p): 0.0 for p in model.parameters() if p.requires_grad}
+
+
+# The configs there were when the factory replaced the hand-built adamw and sgd.
+SHIPPED = ["default", "cnn/cifar10_fast", "cnn/cifar10_fast_at", "cnn/cifar10_free_at", "cnn/cifar10_resnet9",
+           "cnn/mnist_tiny", "gwi/caformer_unet", "gwi/convnext_unet", "gwi/hgnet_unet", "gwi/inversionnet", "gwi/unet",
+           "smoke/cnn", "smoke/gwi"]
+
+
+def test_every_shipped_config_gets_the_optimizer_it_got_before():
+    for config in SHIPPED:
+        cfg, model = task_model(ROOT / "configs" / f"{config}.yaml")
+        assert layout(build_optimizer(cfg.optim, model)) == layout(hand_built(cfg.optim, model)), config
 
 
 @pytest.mark.parametrize("optim_args", [
