@@ -56,7 +56,7 @@ class Optim(Section):
     momentum: float = Field(0.9, ge=0, description="optimizers with momentum (sgd, muon, lars, ...); 0.9 for each, as timm's factory does (its Muon class defaults to 0.95)")
     nesterov: Optional[bool] = Field(None, description="optimizers with a Nesterov switch; null = the name's own (sgd on, momentum off, muon off, nmuon on)")
     layer_decay: Optional[float] = Field(None, gt=0, le=1, description="layer-wise lr decay: each block's lr x layer_decay per block above it, by the model's group_matcher(); null = off")
-    opt_args: dict[str, Any] = Field({}, description="further keyword arguments of the optimizer's class, e.g. {ns_steps: 6} for muon")
+    opt_args: dict[str, Any] = Field({}, description="further keyword arguments of the optimizer's class, e.g. {ns_steps: 6} for muon; for Muon also fallback_list: parameter name patterns it leaves to its AdamW")
     no_decay_bias_norm: bool = Field(True, description="no weight decay on biases and norm weights")
     sam_rho: Optional[float] = Field(None, gt=0, description="Sharpness-Aware Minimization around the optimizer: radius of the weight perturbation (SAM ~0.05, ASAM ~0.5-2); null = off")
     sam_adaptive: bool = Field(False, description="ASAM: perturbation scaled per weight by |w| + sam_eta")

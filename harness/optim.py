@@ -22,13 +22,16 @@ import math
 
 import torch
 from timm.models import group_parameters
-from timm.optim import create_optimizer_v2, get_optimizer_class, get_optimizer_info, list_optimizers
+from timm.optim import Muon, create_optimizer_v2, get_optimizer_class, get_optimizer_info, list_optimizers
 from timm.utils import ModelEmaV3
 from torch import nn
 
 from harness.errors import ConfigError
 
 OWN_KEYS = ("lr", "weight_decay", "momentum", "betas", "eps", "nesterov")  # optim.* keys of their own, not opt_args
+# Arguments of timm's factory, not of an optimizer class, that optim.opt_args may also carry: name patterns
+# (fnmatch) of parameters timm's Muon updates with its AdamW too, e.g. ["head.*"] (MuonWithAuxAdam's split).
+FALLBACK_ARGS = ("fallback_list", "fallback_no_weight_decay")
 
 
 def constructor_args(name: str) -> set[str] | None:
@@ -64,8 +67,11 @@ def opt_args_problem(name: str, opt_args: dict) -> str | None:
     own = [key for key in opt_args if key in OWN_KEYS]
     if own:
         return f"{own[0]!r} has its own key: set optim.{own[0]} instead"
+    muon = get_optimizer_info(name).opt_class is Muon
+    if not muon and (fallback := [key for key in opt_args if key in FALLBACK_ARGS]):
+        return f"{fallback[0]!r} chooses the parameters Muon leaves to AdamW; {name} is not a Muon"
     takes = constructor_args(name)
-    unknown = sorted(set(opt_args) - takes) if takes is not None else []
+    unknown = sorted(set(opt_args) - takes - set(FALLBACK_ARGS)) if takes is not None else []
     if unknown:
         near = difflib.get_close_matches(unknown[0], takes - set(OWN_KEYS), n=1)
         hint = f"nearest: {near[0]}" if near else f"it takes {', '.join(sorted(takes - set(OWN_KEYS)))}"

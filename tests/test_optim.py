@@ -157,6 +157,19 @@ def test_muon_orthogonalises_the_matrices_and_kernels_and_gives_the_rest_adamw()
     assert decayed == {"conv.weight", "depthwise.weight", "hidden.weight", "head.weight", "thin.weight"}
 
 
+def test_a_fallback_list_gives_named_matrices_to_muons_adamw():
+    cfg = load_config(SMOKE_CNN, ["optim.name=muon", "optim.opt_args.fallback_list=[head.*]"])
+    model = Routed()
+    optimizer = build_optimizer(cfg.optim, model)
+    outputs, side = model(torch.randn(16, 3, 8, 8))
+    (outputs.square().mean() + side.square().mean()).backward()
+    optimizer.step()
+    routed = {name for name, p in model.named_parameters() if optimizer.state[p]["use_muon"]}
+    assert routed == {"conv.weight", "hidden.weight"}  # head.weight, 16 x 16, now AdamW's
+    with pytest.raises(ConfigError, match="'fallback_list' chooses the parameters Muon leaves to AdamW; adamw is not a Muon"):
+        load_config(SMOKE_CNN, ["optim.name=adamw", "optim.opt_args.fallback_list=[head.*]"])
+
+
 def test_layer_decay_scales_each_block_of_a_timm_model_and_needs_one():
     cfg, model = task_model(SMOKE_CNN, "model.name=timm:vit_tiny_patch16_224", "model.width=null", "optim.layer_decay=0.5")
     optimizer = build_optimizer(cfg.optim, model)
