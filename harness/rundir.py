@@ -46,6 +46,10 @@ RESUMABLE_CHANGES = (
     "optim.lr", "optim.weight_decay", "ema.decay", "ema.warmup",
 )
 _MISSING = object()
+# Runs saved before optimizers came from timm's factory (no optim.layer_decay key) wrote the hand-built adamw
+# and sgd's defaults where the schema now writes null, "the optimizer's own", which for adamw and sgd is
+# the same (torch's AdamW betas, timm's Nesterov sgd): a resume across the change is not a change.
+PRE_FACTORY_DEFAULTS = {"optim.betas": [0.9, 0.999], "optim.nesterov": True}
 
 
 def check_output_dir(output_dir: str) -> Path:
@@ -166,6 +170,8 @@ def config_changes(old: dict, new: dict, defaults: dict) -> dict[str, tuple]:
     old config lacks (added to the schema since) counts only when it is not at its default; a key the
     new schema lacks no longer matters."""
     old, new = flatten(old), flatten(new)
+    if "optim.layer_decay" not in old and old.get("optim.name") in ("adamw", "sgd"):
+        old |= {key: None for key, value in PRE_FACTORY_DEFAULTS.items() if old.get(key) == value and new.get(key) is None}
     changes = {}
     for key in new:
         before = old.get(key, _MISSING)

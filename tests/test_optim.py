@@ -13,10 +13,11 @@ from torch import nn
 
 from conftest import ROOT, SMOKE_CNN, SMOKE_GWI, read_metrics
 from harness import checkpoint as ckpt
-from harness.config import load_config
+from harness.config import load_config, to_plain_dict
 from harness.errors import ConfigError
 from harness.loop import train
 from harness.optim import build_optimizer
+from harness.rundir import config_changes, flatten
 from harness.task import get_task
 from timm.optim import list_optimizers
 from test_run_folder import assert_same_run, in_child, snapshot
@@ -236,6 +237,21 @@ def test_opt_args_reach_the_optimizer():
     cfg, model = task_model(SMOKE_CNN, "optim.name=muon", "optim.opt_args.ns_steps=3", "optim.eps=1e-6", "optim.nesterov=true")
     group = build_optimizer(cfg.optim, model).param_groups[0]
     assert (group["ns_steps"], group["eps"], group["nesterov"], group["momentum"], group["betas"]) == (3, 1e-6, True, 0.9, (0.9, 0.95))
+
+
+def test_a_run_saved_before_the_factory_resumes_without_a_change():
+    saved = to_plain_dict(load_config(SMOKE_CNN))  # as a run before the factory wrote it
+    saved["optim"] |= {"betas": [0.9, 0.999], "nesterov": True}
+    for key in ("eps", "layer_decay", "opt_args"):
+        del saved["optim"][key]
+    defaults = flatten(to_plain_dict(load_config()))
+    for name in ("adamw", "sgd"):
+        saved["optim"]["name"] = name
+        assert config_changes(saved, to_plain_dict(load_config(SMOKE_CNN, [f"optim.name={name}"])), defaults) == {}
+        now = to_plain_dict(load_config(SMOKE_CNN, [f"optim.name={name}", "optim.nesterov=false"]))
+        assert config_changes(saved, now, defaults) == {"optim.nesterov": (True, False)}
+    since = to_plain_dict(load_config(SMOKE_CNN, ["optim.betas=[0.9,0.999]"]))  # a run of the factory's: a real change
+    assert config_changes(since, to_plain_dict(load_config(SMOKE_CNN)), defaults) == {"optim.betas": ([0.9, 0.999], None)}
 
 
 FEW_STEPS = ["log.wandb=disabled", "log.plot=false", "log.progress=none", "trainer.deterministic=true"]
