@@ -6,7 +6,7 @@ configs/default.yaml. `python train.py --help` lists every config key with its d
 import sys
 
 from harness.cli import run_cli
-from harness.loop import train
+from harness.crossval import train
 
 
 if __name__ == "__main__":

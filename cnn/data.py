@@ -27,6 +27,7 @@ from cnn.images import (FILE_SOURCES, GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGEN
                         folder_samples, holdout, read_image, subset)
 from cnn.models import to_unit_float
 from harness.errors import ConfigError, UserError
+from harness.folds import FoldSamples, fold_indices
 
 AUGMENTATIONS = ("pad_crop", "hflip", "cutout", "affine", "random_resized_crop", "vflip", "rotate90", "color_jitter")
 DEVICE_AUGMENTATIONS = ("pad_crop", "hflip", "cutout")  # what the device loader implements as tensor ops
@@ -372,14 +373,67 @@ class DeviceImageSet(Dataset):
 # ---- the task's entry point --------------------------------------------------------------------------
 
 
+def training_split(dc) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of a torchvision or synthetic source's whole training split, which data.fold splits."""
+    if dc.source == "synthetic":
+        return synthetic_images(dc.num_train, dc, 1)
+    # With data.download, the main process downloads while the others wait, then they all read.
+    with PartialState().main_process_first() if dc.download else contextlib.nullcontext():
+        return read_split(dc.source, dc.root, train=True, download=dc.download)
+
+
+def file_training_set(dc) -> tuple[list, list | np.ndarray]:
+    """(paths, targets) of a folder or csv source's training images, which data.val_fraction or data.fold split."""
+    classes = list(dc.classes)
+    if dc.source == "folder":
+        return folder_samples(Path(dc.root), classes)
+    return csv_samples(dc, Path(dc.csv), csv_image_folder(dc), classes)
+
+
+def file_ids(dc, paths: list) -> list[str]:
+    """The images' paths under data.root (folder) or data.images (csv): oof.csv's ids."""
+    base = Path(dc.root) if dc.source == "folder" else csv_image_folder(dc)
+    return [str(Path(path).relative_to(base)) for path in paths]
+
+
+def label_samples(labels, names: list[str], ids: list[str] | None = None) -> FoldSamples:
+    """k-fold's view of a labelled training set: stratified by label (multi-label targets, which have
+    no single class, as one stratum, as data.val_fraction's hold-out treats them); ids default to the
+    sample indices."""
+    ids = ids if ids is not None else [str(i) for i in range(len(labels))]
+    if isinstance(labels, np.ndarray) and labels.ndim == 2:
+        return FoldSamples(strata=np.zeros(len(labels), dtype=np.int64), names=["any"], ids=ids, key="label")
+    return FoldSamples(strata=np.asarray(labels), names=names, ids=ids, key="label")
+
+
+def fold_samples(dc) -> FoldSamples:
+    if dc.source in FILE_SOURCES:
+        paths, targets = file_training_set(dc)
+        return label_samples(targets, class_names(dc), file_ids(dc, paths))
+    return label_samples(training_split(dc)[1], class_names(dc))
+
+
+def fold_split(dc) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(train, val) (images, labels) of k-fold part `data.fold` of a torchvision or synthetic training split."""
+    if dc.val_on_test:
+        raise ConfigError("key 'data.fold': k-fold validates on a part of the training split, data.val_on_test on the "
+                          "test split; set one of them")
+    images, labels = training_split(dc)
+    train_index, val_index = fold_indices(label_samples(labels, class_names(dc)), dc.folds, dc.fold, dc.split_seed)
+    return (images[train_index], labels[train_index]), (images[val_index], labels[val_index])
+
+
 def build_datasets(dc, seed: int, num_workers: int = 0) -> tuple[Dataset, Dataset]:
     """(train, val) for `data.source`: validation is `data.val_size` seeded images carved from the
-    training set, or the official test split with `data.val_on_test`."""
+    training set, the official test split with `data.val_on_test`, or part `data.fold` of the
+    training split (k-fold, stratified by label)."""
     check_device_loader(dc, num_workers)
     spec = dataset_spec(dc)
     if dc.source in FILE_SOURCES:
         return file_datasets(dc, seed)
-    if dc.source == "synthetic":
+    if dc.fold is not None:
+        train, val = fold_split(dc)
+    elif dc.source == "synthetic":
         train, val = synthetic_images(dc.num_train, dc, 1), synthetic_images(dc.num_val, dc, 2)
     else:
         # With data.download, the main process downloads while the others wait, then they all read.
@@ -396,14 +450,19 @@ def build_datasets(dc, seed: int, num_workers: int = 0) -> tuple[Dataset, Datase
 
 
 def file_datasets(dc, seed: int) -> tuple[ImageFiles, ImageFiles]:
-    """(train, val) of a folder of class folders or a train.csv: validation is data.val_root (folder)
-    or data.val_fraction of each class, held out by data.split_seed."""
+    """(train, val) of a folder of class folders or a train.csv: validation is data.val_root (folder),
+    part data.fold (k-fold, stratified by class) or data.val_fraction of each class, held out by
+    data.split_seed."""
     classes = list(dc.classes)
-    if dc.source == "folder":
-        paths, targets = folder_samples(Path(dc.root), classes)
-    else:
-        paths, targets = csv_samples(dc, Path(dc.csv), csv_image_folder(dc), classes)
-    if dc.val_root:
+    paths, targets = file_training_set(dc)
+    if dc.fold is not None:
+        if dc.val_root:
+            raise ConfigError("key 'data.fold': k-fold validates on a part of data.root, data.val_root on another folder; "
+                              "set one of them")
+        train_index, val_index = fold_indices(label_samples(targets, classes, file_ids(dc, paths)), dc.folds, dc.fold,
+                                              dc.split_seed)
+        train, val = subset(paths, targets, train_index), subset(paths, targets, val_index)
+    elif dc.val_root:
         train, val = (paths, targets), folder_samples(Path(dc.val_root), classes, "data.val_root", every_class=False)
     else:
         train_index, val_index = holdout(targets, dc.val_fraction, dc.split_seed)

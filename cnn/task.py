@@ -14,18 +14,19 @@ from torch.utils.data import Dataset
 
 from cnn.adversarial import FreePerturbation, RobustOutputs, fgsm, pgd
 from cnn.complexity import LocalComplexityProbe
-from cnn.data import AUGMENTATIONS, build_datasets, collate, dataset_spec
+from cnn.data import AUGMENTATIONS, build_datasets, class_names, collate, dataset_spec, fold_samples
 from cnn.images import FILE_SOURCES, is_multi_label, resolve_classes
 from cnn.predict import predict_folder
 from cnn.diagnostics import attach_layer_grad_norms, report_parameters
 from cnn.models import check_model_name, create_model
 from harness.errors import ConfigError, is_main_process
-from harness.task import Section, Task, register_task
+from harness.folds import FoldSamples
+from harness.task import FoldKeys, Section, Task, register_task
 
 Augmentation = Literal[AUGMENTATIONS]
 
 
-class CnnData(Section):
+class CnnData(FoldKeys):
     source: Literal["synthetic", "cifar10", "cifar100", "mnist", "fashion_mnist", "folder", "csv"] = Field(
         "synthetic", description="synthetic: noisy gratings, one orientation per class; folder: <data.root>/<class>/<image>; csv: "
         "data.csv (id and label columns) with images in data.images; the others are read by torchvision's classes from data.root")
@@ -46,7 +47,6 @@ class CnnData(Section):
     download: bool = Field(False, description="let torchvision download a missing dataset into data.root (needs internet)")
     val_size: int = Field(5000, ge=1, description="torchvision sources: training images held out (seeded by data.split_seed) to validate on")
     val_on_test: bool = Field(False, description="validate on the official test split instead (and train on the whole training split)")
-    split_seed: int = Field(0, description="seed of the validation hold-out (data.val_size or data.val_fraction)")
     augment: list[Augmentation] = Field([], description="training augmentation, applied in the order listed")
     crop_padding: int = Field(4, ge=0, description="pad_crop: reflect-pad by this many pixels, then crop back to size at random")
     cutout_size: int = Field(8, ge=1, description="cutout: side of the square zeroed at a random place")
@@ -145,6 +145,7 @@ class CnnTask(Task):
 
     sections = {"data": CnnData, "model": CnnModel, "loss": CnnLoss, "adversarial": CnnAdversarial,
                 "diagnostics": CnnDiagnostics}
+    kaggle_wheels = ("timm",)  # timm:<name> models build exactly as trained
     collate_fn = staticmethod(collate)  # passes the device loader's ready batches through
     tta_modes = ("none", "hflip")
     predict_options = ("sample_submission", "probabilities")
@@ -160,6 +161,17 @@ class CnnTask(Task):
 
     def set_epoch(self, train_set, epoch: int) -> None:
         train_set.set_epoch(epoch)  # augmentation seeded per (seed, epoch, index)
+
+    def fold_samples(self, cfg) -> FoldSamples:
+        """The training split, stratified by label (multi-label: one stratum)."""
+        return fold_samples(cfg.data)
+
+    def predictions(self, outputs) -> torch.Tensor:
+        """Class probabilities of the clean logits (`probabilities`)."""
+        return self.probabilities(outputs.clean if isinstance(outputs, RobustOutputs) else outputs)
+
+    def prediction_columns(self) -> list[str]:
+        return [f"p_{name}" for name in class_names(self.cfg.data)]
 
     def after_update(self, model: nn.Module, step: int) -> dict[str, float]:
         """diagnostics.local_complexity_every = N: lc/total and lc/<layer> every N updates, around a fixed
@@ -266,13 +278,16 @@ class CnnTask(Task):
             values["robust_acc"] = (outputs.attacked.argmax(1) == labels).float()
         return values
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, classes) probabilities of logits: softmax, or for multi-label a sigmoid per class."""
+        return torch.sigmoid(logits.float()) if self.multi_label else logits.float().softmax(1)
+
     def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """(B, classes) probabilities: softmax, or for multi-label a sigmoid per class; with the
-        test-time augmentation `self.tta` ("hflip": averaged with the mirrored image's)."""
-        activation = torch.sigmoid if self.multi_label else lambda logits: logits.softmax(1)
-        probabilities = activation(model(images).float())
+        """(B, classes) `probabilities`, with the test-time augmentation `self.tta` ("hflip": averaged
+        with the mirrored image's)."""
+        probabilities = self.probabilities(model(images))
         if self.tta == "hflip":
-            probabilities = (probabilities + activation(model(images.flip(dims=(3,))).float())) / 2
+            probabilities = (probabilities + self.probabilities(model(images.flip(dims=(3,))))) / 2
         return probabilities
 
     def predict_folder(self, model: nn.Module, folder: str, out: str | None, *, tta: str = "none", **options) -> dict:

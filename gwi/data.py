@@ -22,7 +22,8 @@ from torch.utils.data import Dataset
 from gwi import synthetic
 from gwi.layout import EXACT_FLIP_SOURCE_X, FIVE_OF_SIX, MAP_SIZE, SOURCE_X, TIME_STEPS, FilePair, find_pairs, split_pairs
 from gwi.simulated import simulated_data
-from harness.errors import UserError
+from harness.errors import ConfigError, UserError
+from harness.folds import FoldSamples, fold_indices
 
 SYNTHETIC_FAMILY = "synthetic"  # the family name of every data.source=synthetic sample
 
@@ -133,13 +134,15 @@ class SeismicPairs(Dataset):
     """(seismic, velocity, family index) samples over pairs of arrays: memory maps of files, opened
     lazily in each process (so DataLoader workers each map the files themselves and RAM stays
     bounded whatever the data size), or in-memory arrays. Seismic keeps its stored dtype; velocity
-    is float32. With `flip`, a sample is mirrored according to `flip_decision(seed, epoch, index)`."""
+    is float32. With `flip`, a sample is mirrored according to `flip_decision(seed, epoch, index)`.
+    `indices`: serve only these samples of the pairs (in this order), e.g. one k-fold part."""
 
-    def __init__(self, pairs: list, families: list[str], flip: bool = False, seed: int = 0):
+    def __init__(self, pairs: list, families: list[str], flip: bool = False, seed: int = 0, indices=None):
         if not pairs:
             raise UserError("no samples: the data selection is empty")
         self.pairs, self.families = pairs, families
         self.offsets = np.cumsum([0] + [p.samples for p in pairs])
+        self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
         self.family_index = [families.index(p.family) for p in pairs]
         self.flip, self.seed, self.epoch = flip, seed, 0
         self._opened: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -151,10 +154,12 @@ class SeismicPairs(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return int(self.offsets[-1])
+        return int(self.offsets[-1]) if self.indices is None else len(self.indices)
 
     def locate(self, index: int) -> tuple[int, int]:
-        """(pair number, row inside that pair) of a global sample index."""
+        """(pair number, row inside that pair) of a sample index of this dataset."""
+        if self.indices is not None:
+            index = int(self.indices[index])
         pair = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return pair, index - int(self.offsets[pair])
 
@@ -191,7 +196,8 @@ def synthetic_samples(num: int, seed: list[int], time_steps: int) -> tuple[np.nd
 
 def source_pairs(data) -> tuple[list[FilePair], list[FilePair]]:
     """(train, val) file pairs of the `simulated` or `files` source that `data` (a GwiData section)
-    describes, validated (shapes, dtypes, velocity range)."""
+    describes, validated (shapes, dtypes, velocity range). The files source splits data.roots by
+    file (data.fold, part 0 when it is null); the simulated source's val folder is its own."""
     if data.source == "simulated":
         # Simulated once into data.cache_dir (the OpenFWI layout), then read like any files.
         folder = simulated_data(data)
@@ -201,8 +207,11 @@ def source_pairs(data) -> tuple[list[FilePair], list[FilePair]]:
     if not data.roots:
         raise UserError("key 'data.roots': data.source=files needs at least one folder of training data")
     if data.val_roots:
+        if data.fold is not None:
+            raise ConfigError("key 'data.fold': k-fold validates on a part of data.roots, data.val_roots on other "
+                              "folders; set one of them")
         return find_pairs(data.roots), find_pairs(data.val_roots)
-    train, val = split_pairs(find_pairs(data.roots), data.folds, data.fold, data.split_seed)
+    train, val = split_pairs(find_pairs(data.roots), data.folds, 0 if data.fold is None else data.fold, data.split_seed)
     if not val:
         raise UserError(f"key 'data.folds': no family under {', '.join(data.roots)} has two files, so nothing "
                         "is left to validate on; add files or set data.val_roots")
@@ -219,19 +228,59 @@ def dataset_families(data) -> list[str]:
     (for the simulated source the cache is made first if it is missing, as training would)."""
     if data.source == "synthetic":
         return [SYNTHETIC_FAMILY]
+    if data.fold is not None and data.source == "simulated":
+        return family_names(find_pairs([simulated_data(data) / "train"]))
     train, val = source_pairs(data)
     return family_names(train + val)
 
 
+def fold_samples(data) -> FoldSamples:
+    """The training set k-fold splits (data.fold), by family: the synthetic source's num_train samples,
+    the simulated source's training files sample by sample, the files source's data.roots file by
+    file (a file's samples stay in one fold). Ids are "<family>/<file stem>:<row>"."""
+    if data.source == "synthetic":
+        pairs = [_SyntheticPlaceholder(data.num_train)]  # ids and families only: nothing generated
+    elif data.source == "simulated":
+        pairs = find_pairs([simulated_data(data) / "train"])
+    elif data.source == "files":
+        if not data.roots:
+            raise UserError("key 'data.roots': data.source=files needs at least one folder of training data")
+        pairs = find_pairs(data.roots)
+    else:
+        raise ValueError(f"unknown gwi data source {data.source!r}; known: synthetic, simulated, files")
+    families = family_names(pairs)
+    return FoldSamples(
+        strata=np.repeat([families.index(p.family) for p in pairs], [p.samples for p in pairs]),
+        names=families, ids=[f"{p.name}:{row}" for p in pairs for row in range(p.samples)], key="family",
+        groups=np.repeat(np.arange(len(pairs)), [p.samples for p in pairs]) if data.source == "files" else None)
+
+
+@dataclass(frozen=True)
+class _SyntheticPlaceholder:
+    """The synthetic training set's family and size, as fold_samples needs them, without its arrays."""
+
+    samples: int
+    family: str = SYNTHETIC_FAMILY
+    name = ArrayPair.name  # the same property: ids name the samples as the built pairs do
+
+
 def build_datasets(data, seed: int) -> tuple[SeismicPairs, SeismicPairs]:
-    """(train, val) as `data` (a GwiData section) describes; `seed` drives the flip augmentation."""
+    """(train, val) as `data` (a GwiData section) describes; `seed` drives the flip augmentation.
+    With data.fold (synthetic, simulated): both are parts of the training set (`fold_samples`)."""
     if data.source == "synthetic":
         # Different seeds per split, so validation maps are never training maps.
         train = [ArrayPair(SYNTHETIC_FAMILY, *synthetic_samples(data.num_train, [data.synth_seed, 0], data.time_steps))]
-        val = [ArrayPair(SYNTHETIC_FAMILY, *synthetic_samples(data.num_val, [data.synth_seed, 1], data.time_steps))]
+        val = [] if data.fold is not None else \
+            [ArrayPair(SYNTHETIC_FAMILY, *synthetic_samples(data.num_val, [data.synth_seed, 1], data.time_steps))]
+    elif data.source == "simulated" and data.fold is not None:
+        train, val = find_pairs([simulated_data(data) / "train"]), []
     elif data.source in ("simulated", "files"):
-        train, val = source_pairs(data)
+        train, val = source_pairs(data)  # the files source splits by file itself
     else:
         raise ValueError(f"unknown gwi data source {data.source!r}; known: synthetic, simulated, files")
     families = family_names(train + val)
-    return SeismicPairs(train, families, flip=data.flip, seed=seed), SeismicPairs(val, families)
+    if data.fold is None or data.source == "files":
+        return SeismicPairs(train, families, flip=data.flip, seed=seed), SeismicPairs(val, families)
+    train_index, val_index = fold_indices(fold_samples(data), data.folds, data.fold, data.split_seed)
+    return (SeismicPairs(train, families, flip=data.flip, seed=seed, indices=train_index),
+            SeismicPairs(train, families, indices=val_index))

@@ -19,13 +19,13 @@ import contextlib
 import json
 import os
 import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from harness.errors import UserError
+from harness.folds import assign_folds, check_one_fold
 
 # The geometry: a MAP_SIZE x MAP_SIZE velocity map of 10 m cells; one source per seismic channel at
 # the columns SOURCE_X, MAP_SIZE receivers (one per column), all at depth cell SENSOR_DEPTH; each
@@ -171,25 +171,16 @@ def find_pairs(roots: list[str | os.PathLike]) -> list[FilePair]:
 
 
 def split_pairs(pairs: list[FilePair], folds: int, fold: int, seed: int) -> tuple[list[FilePair], list[FilePair]]:
-    """File-level train/validation split, stratified by family: each family's files are shuffled with
-    `seed` and dealt round-robin into `folds` folds; fold `fold` validates. Splitting by file, not by
-    sample, keeps the (often near-duplicate) samples of one simulation file on one side. A family
-    with fewer files than folds still gets its first fold's share: at least one file validates
-    when it has two or more."""
-    if not 0 <= fold < folds:
-        raise UserError(f"key 'data.fold': {fold} is not in 0..{folds - 1} (data.folds={folds})")
-    train, val = [], []
-    for family in sorted({p.family for p in pairs}):
-        members = [p for p in pairs if p.family == family]
-        order = np.random.default_rng([seed, _stable_hash(family)]).permutation(len(members))
-        for position, index in enumerate(order):
-            in_val = position % folds == fold and len(members) > 1
-            (val if in_val else train).append(members[index])
-    return train, val
-
-
-def _stable_hash(text: str) -> int:
-    return zlib.crc32(text.encode())  # Python's hash() of a str changes with every process
+    """File-level train/validation split, stratified by family (harness.folds: each family's files
+    are shuffled with `seed` and dealt round-robin into `folds` folds); fold `fold` validates, both
+    lists keep the order of `pairs`. Splitting by file, not by sample, keeps the (often
+    near-duplicate) samples of one simulation file on one side. A family with fewer files than folds
+    still gets its first fold's share: at least one file validates when it has two or more; a
+    family of one file always trains."""
+    check_one_fold(fold, folds)
+    families = sorted({p.family for p in pairs})
+    assignment = assign_folds([families.index(p.family) for p in pairs], families, folds, seed)
+    return ([p for p, f in zip(pairs, assignment) if f != fold], [p for p, f in zip(pairs, assignment) if f == fold])
 
 
 def family_stats(pairs: list[FilePair]) -> dict[str, dict]:

@@ -14,10 +14,10 @@ from typing import Annotated, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 from torch import nn
 
-from gwi.data import SeismicInput, SeismicPairs, build_datasets, dataset_families
+from gwi.data import SeismicInput, SeismicPairs, build_datasets, dataset_families, fold_samples
 from gwi.layout import SEISMIC_SAMPLE_SHAPE, TIME_STEPS, TRAINING_LAYOUTS, VELOCITY_MAX, VELOCITY_MIN, has_training_data
 from gwi import online
 from gwi.models import (MODELS, check_pretrained_path, create_model, known_models, resolve_decoder_channels, resolve_drop_path,
@@ -26,10 +26,11 @@ from gwi.physics.velocity import FAMILIES
 from gwi.report import report
 from gwi.submission import evaluate_folder, is_test_folder, write_submission
 from harness.errors import UserError
-from harness.task import Section, Task, register_task
+from harness.folds import FoldSamples
+from harness.task import FoldKeys, Section, Task, register_task
 
 
-class GwiData(Section):
+class GwiData(FoldKeys):
     source: Literal["synthetic", "simulated", "files", "online"] = Field(
         "synthetic", description="synthetic: generated layered maps, cheap surrogate seismic (gwi/synthetic.py); simulated: "
         "OpenFWI-like maps and simulated seismic, made once into data.cache_dir, plus a scored test set (gwi/simulated.py); "
@@ -38,9 +39,6 @@ class GwiData(Section):
     roots: list[str] = Field([], description="files: folders of family folders (Kaggle train_samples/, OpenFWI, converted copies)")
     val_roots: list[str] = Field([], description="files: validate on these folders instead of a fold of data.roots; "
                                  "online: instead of a simulated validation set")
-    folds: int = Field(5, ge=2, description="files: file-level folds, stratified by family")
-    fold: int = Field(0, ge=0, description="files: the fold that validates")
-    split_seed: int = Field(0, description="files: seed of the fold assignment")
     num_train: int = Field(256, ge=1, description="synthetic, simulated: training samples (simulated: split evenly over "
                            "data.families); online: draws per epoch")
     num_val: int = Field(64, ge=1, description="synthetic, simulated, online: validation samples (online: a fixed set "
@@ -69,6 +67,13 @@ class GwiData(Section):
     exact_flip: bool = Field(False, description="simulated: the training seismic adds a 6th source at x = 35, the mirror of "
                              "the middle one, so data.flip gives the exact gather of the mirrored map (6-source files are "
                              "always flipped exactly; online flips are exact anyway)")
+
+    @model_validator(mode="after")
+    def _folds_split_a_fixed_training_set(self):
+        if self.fold is not None and (self.source == "online" or self.online_fraction > 0):
+            raise ValueError("data.fold splits a fixed training set and online draws are new every epoch: drop data.fold, "
+                             "or the online data (data.source=online, data.online_fraction)")
+        return self
 
     @field_validator("families")
     @classmethod
@@ -152,6 +157,9 @@ class GwiTask(Task):
 
     sections = {"data": GwiData, "model": GwiModel, "loss": GwiLoss}
     tta_modes = ("none", "flip")
+    kaggle_test_dir = "/kaggle/input/waveform-inversion/test"
+    kaggle_infer_args = ("--tta", "flip")
+    kaggle_wheels = ("timm", "segmentation-models-pytorch")  # the encoders build exactly as trained
     tta: str = "none"  # of `predict`, set by predict_folder (infer.py --tta); "flip": see predict
     collate_fn = staticmethod(online.collate)  # online draws' batches carry their seismic empty, filled on the device
     simulator: online.OnlineSimulator | None = None  # with online data: `prepare_batch`
@@ -184,6 +192,10 @@ class GwiTask(Task):
         if self.simulator is None or step % self.cfg.log.every_steps:
             return {}
         return self.simulator.throughput()
+
+    def fold_samples(self, cfg) -> FoldSamples:
+        """By family; the files source by whole files (gwi.data.fold_samples)."""
+        return fold_samples(cfg.data)
 
     def set_epoch(self, train_set: SeismicPairs, epoch: int) -> None:
         train_set.set_epoch(epoch)  # the flip augmentation is drawn per (seed, epoch, index)

@@ -18,6 +18,7 @@ from harness import checkpoint as ckpt
 from harness.artifacts import resolve_checkpoint
 from harness.config import BaseRunConfig, apply_overrides, validate
 from harness.errors import ConfigError, UserError
+from harness.folds import CV_FILE, fold_run_dirs
 from harness.loop import evaluate
 from harness.task import Task, get_task
 
@@ -38,12 +39,19 @@ def checkpoint_config(path: str | os.PathLike, overrides: list[str] = ()) -> Bas
     return validate(apply_overrides(ckpt.read_meta(ckpt.resolve(path))["config"], overrides))
 
 
+def expand_folds(paths: list[str]) -> list[str]:
+    """The checkpoints `paths` name: a data.fold=all run folder stands for each of its folds' runs
+    (their best checkpoints, in fold order); W&B artifacts are downloaded first."""
+    local = [resolve_checkpoint(path) for path in paths]  # wandb:ENTITY/PROJECT/NAME:ALIAS -> downloaded directory
+    return [str(fold) for path in local for fold in fold_run_dirs(path) or [path]]
+
+
 def load_ensemble(paths: list[str], overrides: list[str] = ()) -> tuple[Task, BaseRunConfig, Ensemble]:
     """(task, config of the first checkpoint, ensemble of every checkpoint's inference weights)."""
     if not paths:
         raise ConfigError("give at least one --checkpoint")
     members, configs = [], []
-    for path in map(resolve_checkpoint, paths):  # wandb:ENTITY/PROJECT/NAME:ALIAS -> downloaded directory
+    for path in expand_folds(paths):
         try:
             cfg = checkpoint_config(path, overrides)
         except FileNotFoundError as err:
@@ -62,6 +70,10 @@ def load_ensemble(paths: list[str], overrides: list[str] = ()) -> tuple[Task, Ba
 def evaluate_checkpoints(paths: list[str], overrides: list[str] = (), batch_size: int | None = None) -> dict:
     """Metrics of the ensemble on the validation split of the first checkpoint's config."""
     paths = [resolve_checkpoint(path) for path in paths]  # download W&B artifacts once, report local paths
+    for path in paths:
+        if fold_run_dirs(path):  # each fold validated on its own part: no validation set fits the ensemble
+            raise UserError(f"--checkpoint {path}: a k-fold run (data.fold=all); its cross-validated score is in "
+                            f"{Path(path) / CV_FILE}; give --data to predict with the fold ensemble, or name one fold_<k>")
     task, cfg, model = load_ensemble(paths, overrides)
     accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision)
     _, val_set = task.build_datasets(cfg)

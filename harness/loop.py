@@ -502,10 +502,13 @@ class EvaluationStopped(Exception):
 
 
 @torch.no_grad()
-def evaluate(accelerator, task, model, loader, channels_last: bool = False, should_stop=None) -> dict[str, float]:
+def evaluate(accelerator, task, model, loader, channels_last: bool = False, should_stop=None,
+             per_sample: dict | None = None) -> dict[str, float]:
     """Average each per-sample metric over the whole validation set, gathered across processes with
     the padding duplicates removed (gather_for_metrics), NaN entries ignored. `should_stop()`, asked
-    before every batch, ends a long evaluation early by raising EvaluationStopped."""
+    before every batch, ends a long evaluation early by raising EvaluationStopped. `per_sample`: a
+    dict to fill with every sample's metrics and `task.predictions` (CPU tensors in dataset order,
+    under "predictions"), e.g. for out-of-fold predictions."""
     was_training = model.training
     model.eval()
     sums, counts = defaultdict(lambda: 0.0), defaultdict(lambda: 0.0)
@@ -517,13 +520,19 @@ def evaluate(accelerator, task, model, loader, channels_last: bool = False, shou
             batch = to_channels_last(batch)
         with accelerator.autocast():
             outputs = task.forward(model, batch)
-        per_sample = accelerator.gather_for_metrics(task.metrics(outputs, batch))
-        for name, values in per_sample.items():
+        gathered = accelerator.gather_for_metrics(task.metrics(outputs, batch))
+        if per_sample is not None:
+            predictions = accelerator.gather_for_metrics(task.predictions(outputs).detach())
+            for name, values in {**gathered, "predictions": predictions}.items():
+                per_sample.setdefault(name, []).append(values.detach().float().cpu())
+        for name, values in gathered.items():
             values = values.detach().float().reshape(-1)
             present = ~torch.isnan(values)
             sums[name] = sums[name] + values[present].sum()
             counts[name] = counts[name] + present.sum()
     model.train(was_training)
+    if per_sample is not None:
+        per_sample.update({name: torch.cat(parts) for name, parts in per_sample.items()})
     return {name: float(sums[name] / counts[name]) if float(counts[name]) else float("nan") for name in sums}
 
 

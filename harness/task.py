@@ -11,15 +11,16 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 from types import UnionType
-from typing import Union, get_args, get_origin
+from typing import Literal, Optional, Union, get_args, get_origin
 
 import torch
 from accelerate.utils import find_batch_size
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
 from harness.errors import ConfigError, UserError
+from harness.folds import FoldSamples, check_fold
 
 
 class Section(BaseModel):
@@ -42,6 +43,32 @@ def _number_not_bool(annotation) -> bool:
     return bool(options & {int, float}) and bool not in options
 
 
+class FoldKeys(Section):
+    """The k-fold keys, under `data.` for every task: a task's data section subclasses this (one
+    definition for all tasks), and the task implements `fold_samples` and reads `fold` in its
+    `build_datasets` (harness/folds.py: `fold_indices`)."""
+
+    folds: int = Field(5, ge=2, description="k-fold: the parts the training set is split into, stratified (cnn: by class; "
+                                            "gwi: by family, files: whole files)")
+    fold: Optional[Union[int, Literal["all"]]] = Field(
+        None, description="k-fold: k = validate on part k of the training set and train on the rest; all = train.py trains "
+                          "every fold into <output_dir>/fold_<k>, then writes oof.npy, oof.csv and cv.json; null = the task's "
+                          "own split (cnn: data.val_size or data.val_on_test; gwi: data.num_val, files: part 0)")
+    split_seed: int = Field(0, description="seed of the validation split: the fold assignment and cnn's data.val_size hold-out")
+
+    @field_validator("fold")
+    @classmethod
+    def _fold_not_negative(cls, fold):
+        if isinstance(fold, int) and fold < 0:
+            raise ValueError(f"{fold} is negative; give 0..data.folds-1 or all")
+        return fold
+
+    @model_validator(mode="after")
+    def _fold_in_range(self):
+        check_fold(self.fold, self.folds)
+        return self
+
+
 class Task:
     """Subclass and override. `cfg` is the whole validated run config (`harness.config.RunConfig`);
     the task's own sections (`sections`) are reachable as attributes, e.g. `cfg.data.root`. The
@@ -50,6 +77,12 @@ class Task:
     Every method and attribute here is one the harness uses; nothing else of a task is read."""
 
     name: str = ""
+    # The offline Kaggle notebook (`python -m harness.kaggle bundle`): the test folder it predicts by
+    # default, the infer.py arguments it adds, and the dependencies shipped as wheels (what a Kaggle
+    # image lacks or has in another version than the one the models were trained with).
+    kaggle_test_dir: str = "/kaggle/input/COMPETITION/test"
+    kaggle_infer_args: tuple[str, ...] = ()
+    kaggle_wheels: tuple[str, ...] = ()
     # Config sections this task owns, e.g. {"data": GwiData, "model": GwiModel, "loss": GwiLoss}.
     sections: dict[str, type[Section]] = {}
     # The DataLoaders' collate function (training, evaluation, the LR finder); None: PyTorch's default.
@@ -111,6 +144,24 @@ class Task:
         """The names `metrics` returns, known once `build_datasets` has run (they may depend on the
         data), so that a mistyped `checkpoint.monitor` stops the run before its first step. None (the
         default): not declared; the monitor is then checked at the first evaluation."""
+        return None
+
+    def fold_samples(self, cfg) -> FoldSamples:
+        """The training set that k-fold splits (`data.fold`): every sample's stratum, id and group, in
+        a fixed order. With `data.fold` = k, `build_datasets` must train on the samples
+        `harness.folds.fold_indices(self.fold_samples(cfg), folds, k, split_seed)` gives and
+        validate on the others, in that order: the out-of-fold predictions of a data.fold=all run
+        are put back in place by it."""
+        raise ConfigError(f"key 'data.fold': task {self.name!r} has no k-fold")
+
+    def predictions(self, outputs) -> torch.Tensor:
+        """The per-sample predictions (B, ...) kept as out-of-fold predictions (oof.npy) from `forward`'s
+        outputs in evaluation; the default takes the outputs themselves (e.g. gwi's velocity maps)."""
+        return outputs.float()
+
+    def prediction_columns(self) -> list[str] | None:
+        """Names of the columns of `predictions` (B, C) in oof.csv (e.g. one per class); None (the
+        default): too many values per sample for a CSV, which keeps the per-sample metrics only."""
         return None
 
     def predict_folder(self, model: nn.Module, folder: str, out: str | None, *, tta: str = "none", **options) -> dict:

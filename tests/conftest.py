@@ -18,7 +18,7 @@ from accelerate.state import AcceleratorState, GradientState
 from harness.cli import run_cli
 from image_files import write_folder
 from harness.config import load_config
-from harness.loop import train
+from harness.crossval import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_CNN = ROOT / "configs" / "smoke" / "cnn.yaml"
@@ -63,7 +63,7 @@ def fresh_accelerate_state():
 
 
 def train_here(capsys, *args: str) -> subprocess.CompletedProcess:
-    """What `python train.py ARGS` does (harness.cli.run_cli), in this process, with its exit code and
+    """What `python train.py ARGS` does (harness.cli.run_cli with harness.crossval.train), in this process, with its exit code and
     output as run_entry returns them: a subprocess costs seconds of imports, so tests use it only
     where the process itself (signals, exit codes from the shell, the environment) is what they check."""
     reset_accelerate_state()
