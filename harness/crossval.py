@@ -24,7 +24,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
 
@@ -77,24 +76,24 @@ def train_folds(cfg) -> dict:
         raise ConfigError("key 'checkpoint.keep_top_k': data.fold=all predicts each fold's part with its best "
                           "checkpoint; keep at least 1")
     root = Path(cfg.output_dir)
-    lock = _lock_folds_folder(root, folds)
+    # The launch's processes as every fold's run sees them (the folds' own Accelerators share its state).
+    accelerator = loop.make_accelerator(cfg)
+    lock = _lock_folds_folder(accelerator, root, folds)
     summary: dict = {"folds": folds, "trained": [], "skipped": []}
     try:
         for fold in range(folds):
             sub = fold_config(cfg, fold)
-            if cfg.resume == "auto" and is_finished(sub):
+            if cfg.resume == "auto" and main_process_says(accelerator, is_finished(sub)):  # all skip, or all train
                 summary["skipped"].append(fold)
-                if PartialState().is_main_process:
-                    print(f"fold {fold}: finished already ({sub.output_dir}), skipped", flush=True)
+                accelerator.print(f"fold {fold}: finished already ({sub.output_dir}), skipped")
                 continue
-            if PartialState().is_main_process:
-                print(f"fold {fold} of {folds}: training into {sub.output_dir}", flush=True)
-            result = loop.train(sub)
+            accelerator.print(f"fold {fold} of {folds}: training into {sub.output_dir}")
+            result = loop.train(sub, more_runs_follow=True)
             summary["trained"].append(fold)
             if result.get("stopped") != "finished":
                 return {**summary, "stopped": result.get("stopped"), "fold": fold}
-        accelerator = loop.make_accelerator(cfg)
         cv = out_of_fold(cfg, root, accelerator)
+        accelerator.end_training()
         summary["stopped"] = "finished"
         summary[cfg.checkpoint.monitor] = {key: cv[key] for key in ("mean", "std")}
         summary["cv"] = str(root / CV_FILE)
@@ -104,13 +103,21 @@ def train_folds(cfg) -> dict:
             lock.release()
 
 
-def _lock_folds_folder(root: Path, folds: int) -> RunLock | None:
+def main_process_says(accelerator, value):
+    """The main process's `value` on every process (no communication with one process)."""
+    if accelerator.num_processes == 1:
+        return value
+    box = [value]
+    broadcast_object_list(box)
+    return box[0]
+
+
+def _lock_folds_folder(accelerator, root: Path, folds: int) -> RunLock | None:
     """Check and lock the folds run's folder (main process; every process stops if it fails): a
     second folds run on it is refused, and a folder holding a single run or more folds than
     data.folds (an earlier run of another data.folds) is no place for this one."""
     verdict, lock = [None], None
-    state = PartialState()
-    if state.is_main_process:
+    if accelerator.is_main_process:
         try:
             check_output_dir(str(root))
             if (root / "checkpoints").exists():
@@ -124,8 +131,7 @@ def _lock_folds_folder(root: Path, folds: int) -> RunLock | None:
             lock.acquire()
         except UserError as err:
             verdict[0] = ("config" if isinstance(err, ConfigError) else "user", str(err))
-    if state.num_processes > 1:  # every process stops, or none
-        broadcast_object_list(verdict)
+    verdict[0] = main_process_says(accelerator, verdict[0])  # every process stops, or none
     if verdict[0] is not None:
         kind, message = verdict[0]
         raise (ConfigError if kind == "config" else UserError)(message)

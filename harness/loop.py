@@ -63,8 +63,10 @@ class TrainState:
         vars(self).update(state)
 
 
-def train(cfg: BaseRunConfig) -> dict:
-    """Train `cfg.task` as configured; returns a summary (last step, best metric, why it stopped)."""
+def train(cfg: BaseRunConfig, *, more_runs_follow: bool = False) -> dict:
+    """Train `cfg.task` as configured; returns a summary (last step, best metric, why it stopped).
+    `more_runs_follow`: this process trains again next (harness.crossval's folds), so the process
+    group of a multi-process launch stays up at the end (Accelerate's end_training destroys it)."""
     task = get_task(cfg.task, cfg)
     tc = cfg.trainer
     run_dir = Path(cfg.output_dir)
@@ -291,7 +293,11 @@ def train(cfg: BaseRunConfig) -> dict:
     if best is not None:
         summary["best"] = {"step": best["step"], best["monitor"]: best["monitor_value"]}
         tracker.summary({f"best/{best['monitor']}": best["monitor_value"], "best/step": best["step"]})
-    accelerator.end_training()
+    if more_runs_follow:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    else:
+        accelerator.end_training()  # the trackers, then the process group
     return summary
 
 

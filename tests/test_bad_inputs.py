@@ -188,6 +188,10 @@ def images_one_id_twice(tmp: Path, run: Path | None) -> None:
     shutil.copy(tmp / "test" / "t01.png", tmp / "test" / "t01.jpg")
 
 
+def folds_run_folder(tmp: Path, run: Path | None) -> None:  # what infer.py recognises a data.fold=all run by
+    (tmp / "cv" / "fold_0").mkdir(parents=True)
+
+
 INFER = "infer.py --checkpoint {run} --num-workers 0"
 CNN = "configs/smoke/cnn.yaml data.image_size=16 trainer.batch_size=4 sched.name=cosine " + QUIET.replace(" data.time_steps=64", "")
 FOLDER = f"{CNN} data.source=folder data.root={{tmp}}/train output_dir={{tmp}}/out"
@@ -210,6 +214,10 @@ CASES = [
          "output_dir={tmp}/out", "key 'trainer.batch_size': 1000 is larger than the training set (16 samples)", 2),
     Case("an unknown WANDB_MODE", f"train.py {SMOKE} {QUIET} output_dir={{tmp}}/out", "WANDB_MODE='sometimes': expected "
          "online, offline or disabled", 2, env={"WANDB_MODE": "sometimes"}),
+    Case("a fold number out of range", f"train.py {SMOKE} data.fold=5 data.folds=5",
+         "key 'data.fold': 5 is not in 0..4 (data.folds=5), nor all", 2),
+    Case("data.fold=all with resume=PATH", f"train.py {SMOKE} data.fold=all resume={{tmp}} {QUIET} output_dir={{tmp}}/out",
+         "key 'resume': '{tmp}' names one checkpoint; data.fold=all resumes each fold from its own fold_<k>", 2),
     # train.py: training data
     Case("data.source=files without data.roots", f"train.py {SMOKE} data.source=files {QUIET} output_dir={{tmp}}/out",
          "key 'data.roots': data.source=files needs at least one folder of training data", 2),
@@ -280,6 +288,9 @@ CASES = [
     Case("--checkpoint of a folder without checkpoints", "infer.py --checkpoint {tmp}", "no complete checkpoint", 2),
     Case("--checkpoint of a run whose best/meta.json is missing", "infer.py --checkpoint {tmp}/run",
          "checkpoints/best' is incomplete (no meta.json", 2, run_without_best_meta),
+    Case("--checkpoint of a k-fold run without --data", "infer.py --checkpoint {tmp}/cv",
+         "--checkpoint {tmp}/cv: a k-fold run (data.fold=all); its cross-validated score is in {tmp}/cv/cv.json", 2,
+         folds_run_folder),
     Case("a malformed W&B artifact name", "infer.py --checkpoint wandb:team/model",
          "--checkpoint wandb:team/model: expected wandb:ENTITY/PROJECT/NAME:ALIAS", 2),
     # python -m gwi.convert, python -m gwi.physics.synth
@@ -296,7 +307,7 @@ CASES = [
 def entry_point(name: str):
     if name == "train.py":
         from harness.cli import run_cli
-        from harness.loop import train
+        from harness.crossval import train
 
         return lambda argv: run_cli(argv, train, "usage")  # the same call as train.py's
     if name == "infer.py":

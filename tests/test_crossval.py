@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SMOKE_CNN, SMOKE_GWI, infer_here, read_metrics, train_here
+from conftest import ROOT, SMOKE_CNN, SMOKE_GWI, accelerate_launch, infer_here, read_metrics, train_here
 from gwi.data import build_datasets as gwi_datasets
 from gwi.layout import find_pairs, split_pairs
 from gwi.task import GwiData
@@ -212,3 +212,23 @@ def test_gwi_fold_all_by_family_and_the_fold_ensemble_predicts_the_mean_of_the_f
         assert run.returncode == 0, run.stderr
         saved.append(np.load(out))
     np.testing.assert_allclose(saved[0], (saved[1] + saved[2]) / 2, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_fold_all_under_two_processes_trains_each_fold_across_both(tmp_path):
+    """Every fold is one run of both processes (gloo): half the updates of one process, one CV at the end,
+    and out-of-fold predictions gathered without the padding duplicates."""
+    root = tmp_path / "cv"
+    args = [SMOKE_CNN, f"output_dir={root}", "data.fold=all", "data.folds=2", "data.num_train=64", "trainer.epochs=1",
+            "trainer.batch_size=8", "sched.name=cosine", "log.wandb=disabled", "log.plot=false", "log.progress=none"]
+    result = accelerate_launch(2, "train.py", *args, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("done: ") == 1 and result.stdout.count("cross-validation: ") == 1
+    cfg = load_config(SMOKE_CNN, [str(a) for a in args[1:]])
+    samples = get_task("cnn", cfg).fold_samples(fold_config(cfg, 0))
+    assignment = assign_folds(samples.strata, samples.names, 2, cfg.data.split_seed)
+    oof = np.load(root / "oof.npy")
+    for k in range(2):
+        best = ckpt.read_meta(ckpt.resolve(root / f"fold_{k}"))
+        assert best["step"] == int((assignment != k).sum()) // (8 * 2)  # batches of 8 on each of 2 processes
+        assert (oof[assignment == k].argmax(1) == samples.strata[assignment == k]).mean() == pytest.approx(best["monitor_value"])
