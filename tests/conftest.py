@@ -63,9 +63,10 @@ def fresh_accelerate_state():
 
 
 def train_here(capsys, *args: str) -> subprocess.CompletedProcess:
-    """What `python train.py ARGS` does (harness.cli.run_cli with harness.crossval.train), in this process, with its exit code and
-    output as run_entry returns them: a subprocess costs seconds of imports, so tests use it only
-    where the process itself (signals, exit codes from the shell, the environment) is what they check."""
+    """What `python train.py ARGS` does (harness.cli.run_cli with harness.crossval.train), in this
+    process, with its exit code and output as run_entry returns them: a subprocess costs seconds of
+    imports, so tests use it only where the process itself (signals, exit codes from the shell, the
+    environment) is what they check."""
     reset_accelerate_state()
     capsys.readouterr()
     code = run_cli([str(arg) for arg in args], train, "")
