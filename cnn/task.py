@@ -4,6 +4,7 @@ binary cross-entropy for multi-label CSVs; per-sample loss and accuracy, overall
 prediction of test folders into a validated submission (cnn/predict.py)."""
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional, Union
 
 import torch
@@ -169,6 +170,13 @@ class CnnTask(Task):
     def predictions(self, outputs) -> torch.Tensor:
         """Class probabilities of the clean logits (`probabilities`)."""
         return self.probabilities(outputs.clean if isinstance(outputs, RobustOutputs) else outputs)
+
+    def combine_outputs(self, outputs: list) -> torch.Tensor:
+        """Logits whose `probabilities` are the mean of the members' (an ensemble averages predictions,
+        not logits): the log of the mean softmax, or for multi-label the logit of each class's mean."""
+        if self.multi_label:
+            return torch.logit(torch.stack([torch.sigmoid(o.float()) for o in outputs]).mean(0), eps=1e-7)
+        return torch.stack([o.float().log_softmax(dim=1) for o in outputs]).logsumexp(dim=0) - math.log(len(outputs))
 
     def prediction_columns(self) -> list[str]:
         return [f"p_{name}" for name in class_names(self.cfg.data)]

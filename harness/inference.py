@@ -24,15 +24,17 @@ from harness.task import Task, get_task
 
 
 class Ensemble(nn.Module):
-    """The mean of its members' outputs (one member: that member)."""
+    """Its members' outputs combined by the task (`Task.combine_outputs`: e.g. the mean; one member:
+    that member's output)."""
 
-    def __init__(self, members: list[nn.Module]):
+    def __init__(self, members: list[nn.Module], combine):
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.combine = combine
 
     def forward(self, *args, **kwargs):
         outputs = [member(*args, **kwargs) for member in self.members]
-        return torch.stack([o.float() for o in outputs]).mean(0) if len(outputs) > 1 else outputs[0]
+        return self.combine(outputs) if len(outputs) > 1 else outputs[0]
 
 
 def checkpoint_config(path: str | os.PathLike, overrides: list[str] = ()) -> BaseRunConfig:
@@ -64,7 +66,8 @@ def load_ensemble(paths: list[str], overrides: list[str] = ()) -> tuple[Task, Ba
     tasks = {cfg.task for cfg in configs}
     if len(tasks) > 1:
         raise ConfigError(f"--checkpoint: these checkpoints belong to different tasks ({', '.join(sorted(tasks))})")
-    return get_task(configs[0].task, configs[0]), configs[0], Ensemble(members)
+    task = get_task(configs[0].task, configs[0])
+    return task, configs[0], Ensemble(members, task.combine_outputs)
 
 
 def evaluate_checkpoints(paths: list[str], overrides: list[str] = (), batch_size: int | None = None) -> dict:

@@ -146,6 +146,12 @@ class Task:
         default): not declared; the monitor is then checked at the first evaluation."""
         return None
 
+    def combine_outputs(self, outputs: list) -> torch.Tensor:
+        """An ensemble's output from its members' model outputs (several --checkpoint, a k-fold run's
+        folds), in the same form, so `forward`, `metrics` and prediction read it as one model's: the
+        mean by default (e.g. gwi's velocity maps)."""
+        return torch.stack([o.float() for o in outputs]).mean(0)
+
     def fold_samples(self, cfg) -> FoldSamples:
         """The training set that k-fold splits (`data.fold`): every sample's stratum, id and group, in
         a fixed order. With `data.fold` = k, `build_datasets` must train on the samples

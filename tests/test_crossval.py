@@ -158,12 +158,16 @@ def test_cnn_fold_all_writes_folds_oof_and_cv_resumes_after_a_kill_and_infer_ave
     assert [read_metrics(root / f"fold_{k}") for k in range(3)] == logs
     assert json.loads((root / "cv.json").read_text()) == cv
 
-    # infer.py: the folds run is the ensemble of its 3 folds, the mean of their outputs.
+    # infer.py: the folds run is the ensemble of its 3 folds: the mean of their class probabilities.
     _, _, ensemble = load_ensemble([str(root)])
     assert len(ensemble.members) == 3
     images = torch.rand(5, 3, 16, 16)
     with torch.no_grad():
-        assert torch.allclose(ensemble(images), torch.stack([m(images) for m in ensemble.members]).mean(0))
+        mean = torch.stack([m(images).softmax(1) for m in ensemble.members]).mean(0)
+        assert torch.allclose(ensemble(images).softmax(1), mean, atol=1e-6)
+    # Probabilities are averaged, not logits: softmax([4, 0]) and softmax([0, 0]) average to 0.741, not softmax([2, 0]).
+    combined = get_task("cnn", cfg).combine_outputs([torch.tensor([[4.0, 0.0]]), torch.tensor([[0.0, 0.0]])])
+    assert combined.softmax(1)[0, 0].item() == pytest.approx((torch.tensor([4.0, 0.0]).softmax(0)[0].item() + 0.5) / 2)
     refused = infer_here(capsys, "--checkpoint", root)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert refused.stderr.startswith(f"error: --checkpoint {root}: a k-fold run (data.fold=all); its cross-validated score "
