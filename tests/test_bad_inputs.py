@@ -216,6 +216,8 @@ CASES = [
          "online, offline or disabled", 2, env={"WANDB_MODE": "sometimes"}),
     Case("a fold number out of range", f"train.py {SMOKE} data.fold=5 data.folds=5",
          "key 'data.fold': 5 is not in 0..4 (data.folds=5), nor all", 2),
+    Case("data.fold with online data", f"train.py {SMOKE} data.source=online data.fold=0",
+         "key 'data': data.fold splits a fixed training set and online draws are new every epoch", 2),
     Case("data.fold=all with resume=PATH", f"train.py {SMOKE} data.fold=all resume={{tmp}} {QUIET} output_dir={{tmp}}/out",
          "key 'resume': '{tmp}' names one checkpoint; data.fold=all resumes each fold from its own fold_<k>", 2),
     # train.py: training data
