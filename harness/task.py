@@ -53,8 +53,10 @@ class FoldKeys(Section):
     fold: Optional[Union[int, Literal["all"]]] = Field(
         None, description="k-fold: k = validate on part k of the training set and train on the rest; all = train.py trains "
                           "every fold into <output_dir>/fold_<k>, then writes oof.npy, oof.csv and cv.json; null = the task's "
-                          "own split (cnn: data.val_size or data.val_on_test; gwi: data.num_val, files: part 0)")
-    split_seed: int = Field(0, description="seed of the validation split: the fold assignment and cnn's data.val_size hold-out")
+                          "own split (cnn: data.val_size, data.val_on_test, data.val_fraction or data.val_root; gwi: data.num_val, "
+                          "files: part 0)")
+    split_seed: int = Field(0, description="seed of the validation split: the fold assignment and cnn's hold-outs "
+                                           "(data.val_size, data.val_fraction)")
 
     @field_validator("fold")
     @classmethod

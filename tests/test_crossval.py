@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SMOKE_CNN, SMOKE_GWI, accelerate_launch, infer_here, read_metrics, train_here
+from conftest import CNN_FOLDER_ARGS, ROOT, SMOKE_CNN, SMOKE_GWI, accelerate_launch, infer_here, read_metrics, train_here
 from gwi.data import build_datasets as gwi_datasets
 from gwi.layout import find_pairs, split_pairs
 from gwi.task import GwiData
@@ -27,6 +27,7 @@ from harness.errors import ConfigError
 from harness.folds import NEVER_HELD_OUT, assign_folds, fold_indices
 from harness.inference import load_ensemble
 from harness.task import get_task
+from image_files import write_folder, write_sample_submission, write_test_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -236,3 +237,31 @@ def test_fold_all_under_two_processes_trains_each_fold_across_both(tmp_path):
         best = ckpt.read_meta(ckpt.resolve(root / f"fold_{k}"))
         assert best["step"] == int((assignment != k).sum()) // (8 * 2)  # batches of 8 on each of 2 processes
         assert (oof[assignment == k].argmax(1) == samples.strata[assignment == k]).mean() == pytest.approx(best["monitor_value"])
+
+
+def test_a_folder_of_images_runs_its_folds_and_submits_the_fold_ensemble(tmp_path, capsys):
+    """The Kaggle image workflow: class folders, data.fold=all, the CV by class, then a submission of
+    the fold ensemble's probabilities: the mean of the folds' own."""
+    write_folder(tmp_path / "train", per_class=6)
+    root = tmp_path / "cv"
+    result = train_here(capsys, SMOKE_CNN, *CNN_FOLDER_ARGS, f"data.root={tmp_path / 'train'}", f"output_dir={root}",
+                        "data.fold=all", "data.folds=3", "trainer.epochs=1", "sched.name=cosine")
+    assert result.returncode == 0, result.stderr
+    cv = json.loads((root / "cv.json").read_text())
+    assert sorted(cv["acc_by_label"]) == ["cat", "dog", "owl"] and cv["held_out"] == 18
+    assert all(f["samples"] == 6 for f in cv["per_fold"])  # 2 images of each class per fold
+    rows = list(csv.DictReader((root / "oof.csv").open()))
+    assert sorted(r["id"] for r in rows) == sorted(str(p.relative_to(tmp_path / "train"))
+                                                   for p in (tmp_path / "train").rglob("*.*"))
+    assert all(r["id"].split("/")[0] == r["label"] for r in rows) and "p_owl" in rows[0]
+
+    ids, _ = write_test_folder(tmp_path / "test", count=4)
+    write_sample_submission(tmp_path / "sample.csv", ids, header=("id", "cat", "dog", "owl"))
+    answers = []
+    for name, checkpoint in (("ensemble", root), *((f"fold_{k}", root / f"fold_{k}") for k in range(3))):
+        out = tmp_path / f"{name}.csv"
+        run = infer_here(capsys, "--checkpoint", checkpoint, "--data", tmp_path / "test", "--out", out,
+                         "--sample-submission", tmp_path / "sample.csv", "--probabilities", "--num-workers", "0")
+        assert run.returncode == 0, run.stderr
+        answers.append(np.array([row[1:] for row in csv.reader(out.open())][1:], dtype=float))
+    np.testing.assert_allclose(answers[0], np.mean(answers[1:], axis=0), atol=2e-5)
