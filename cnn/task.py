@@ -146,6 +146,7 @@ class CnnTask(Task):
 
     sections = {"data": CnnData, "model": CnnModel, "loss": CnnLoss, "adversarial": CnnAdversarial,
                 "diagnostics": CnnDiagnostics}
+    kaggle_infer_args = ("--sample-submission", "/kaggle/input/COMPETITION/sample_submission.csv")
     kaggle_wheels = ("timm",)  # timm:<name> models build exactly as trained
     collate_fn = staticmethod(collate)  # passes the device loader's ready batches through
     tta_modes = ("none", "hflip")

@@ -1,6 +1,6 @@
 """The offline Kaggle bundle (harness.kaggle) for any task: built from real checkpoints, its notebook
 installs from the bundled wheel with no index and runs infer.py with every bundled checkpoint: a
-valid submission for a generated gwi test folder; a cnn k-fold run's folds (make test-all)."""
+valid submission for a generated gwi test folder; a cnn k-fold run on image files (make test-all)."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from conftest import SMOKE_CNN, clean_env, train_here
+from conftest import CNN_FOLDER_ARGS, SMOKE_CNN, clean_env, infer_here, train_here
 from gwi.submission import HEADER, validate_submission
 from gwi_files import write_test_dir
-from harness.inference import evaluate_checkpoints
 from harness.kaggle import bundle, copy_checkpoints, notebook, notebook_code
 from harness.task import get_task
+from image_files import write_folder, write_sample_submission, write_test_folder
 
 CNN_FOLDS = [str(SMOKE_CNN), "data.fold=all", "data.folds=2", "data.num_train=64", "trainer.epochs=1",
              "trainer.batch_size=16", "sched.name=cosine", "log.wandb=disabled", "log.plot=false", "log.progress=none"]
@@ -82,11 +82,23 @@ def test_python_m_gwi_kaggle_is_the_same_command(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_cnn_folds_bundle_runs_offline(tmp_path, cnn_folds_run):
+def test_an_image_folds_bundle_writes_a_submission_offline(tmp_path, capsys):
+    """A k-fold run on a folder of images, bundled: the notebook's fold ensemble answers the sample
+    submission with no package index, as infer.py does here."""
+    write_folder(tmp_path / "train", per_class=4)
+    root = tmp_path / "cv"
+    done = train_here(capsys, SMOKE_CNN, *CNN_FOLDER_ARGS, f"data.root={tmp_path / 'train'}", f"output_dir={root}",
+                      "data.fold=all", "data.folds=2", "trainer.epochs=1", "sched.name=cosine")
+    assert done.returncode == 0, done.stderr
     out = tmp_path / "bundle"
-    summary = bundle([str(cnn_folds_run)], out, dependency_wheels=())
+    summary = bundle([str(root)], out, dependency_wheels=())
     assert summary["task"] == "cnn" and len(summary["checkpoints"]) == 2
-    result = run_notebook(out, tmp_path, TEST_DIR=None)  # no cnn test folder reader yet: the validation data
-    printed = json.loads(result.stdout[result.stdout.index("{"):])
-    expected = evaluate_checkpoints(sorted(str(p) for p in (out / "checkpoints").iterdir()))
-    assert printed["val/acc"] == pytest.approx(expected["val/acc"]) and len(printed["checkpoints"]) == 2
+    ids, _ = write_test_folder(tmp_path / "test", count=4)
+    write_sample_submission(tmp_path / "sample.csv", ids, header=("id", "label"))
+    result = run_notebook(out, tmp_path, TEST_DIR=str(tmp_path / "test"), OUT=str(tmp_path / "submission.csv"),
+                          INFER_ARGS=["--sample-submission", str(tmp_path / "sample.csv"), "--num-workers", "0"])
+    assert "submission" in result.stdout
+    here = infer_here(capsys, "--checkpoint", root, "--data", tmp_path / "test", "--out", tmp_path / "here.csv",
+                      "--sample-submission", tmp_path / "sample.csv", "--num-workers", "0")
+    assert here.returncode == 0, here.stderr
+    assert (tmp_path / "submission.csv").read_text() == (tmp_path / "here.csv").read_text()
