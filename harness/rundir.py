@@ -50,6 +50,10 @@ _MISSING = object()
 # and sgd's defaults where the schema now writes null, "the optimizer's own", which for adamw and sgd is
 # the same (torch's AdamW betas, timm's Nesterov sgd): a resume across the change is not a change.
 PRE_FACTORY_DEFAULTS = {"optim.betas": [0.9, 0.999], "optim.nesterov": True}
+# The same release made data.fold nullable ("the task's own split"); gwi runs saved before it wrote
+# fold 0, which for every gwi source meant what null means now (files: validate on part 0; synthetic and
+# simulated: no folds).
+PRE_KFOLD_DEFAULTS = {"data.fold": 0}
 
 
 def check_output_dir(output_dir: str) -> Path:
@@ -172,6 +176,8 @@ def config_changes(old: dict, new: dict, defaults: dict) -> dict[str, tuple]:
     old, new = flatten(old), flatten(new)
     if "optim.layer_decay" not in old and old.get("optim.name") in ("adamw", "sgd"):
         old |= {key: None for key, value in PRE_FACTORY_DEFAULTS.items() if old.get(key) == value and new.get(key) is None}
+    if "optim.layer_decay" not in old and old.get("task") == "gwi":
+        old |= {key: None for key, value in PRE_KFOLD_DEFAULTS.items() if old.get(key) == value and new.get(key) is None}
     changes = {}
     for key in new:
         before = old.get(key, _MISSING)

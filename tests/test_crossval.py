@@ -21,11 +21,12 @@ from gwi.layout import find_pairs, split_pairs
 from gwi.task import GwiData
 from gwi_files import write_tree
 from harness import checkpoint as ckpt
-from harness.config import load_config
+from harness.config import load_config, to_plain_dict
 from harness.crossval import fold_config, train
 from harness.errors import ConfigError
 from harness.folds import NEVER_HELD_OUT, assign_folds, fold_indices
 from harness.inference import load_ensemble
+from harness.rundir import config_changes, flatten
 from harness.task import get_task
 from image_files import write_folder, write_sample_submission, write_test_folder
 
@@ -265,3 +266,17 @@ def test_a_folder_of_images_runs_its_folds_and_submits_the_fold_ensemble(tmp_pat
         assert run.returncode == 0, run.stderr
         answers.append(np.array([row[1:] for row in csv.reader(out.open())][1:], dtype=float))
     np.testing.assert_allclose(answers[0], np.mean(answers[1:], axis=0), atol=2e-5)
+
+
+def test_a_gwi_run_saved_before_kfold_resumes_without_a_change():
+    """Such a run wrote data.fold 0, which meant what null means now; a run of this release that
+    wrote 0 (k-fold part 0) against null is a real change."""
+    saved = to_plain_dict(load_config(SMOKE_GWI))
+    saved["data"]["fold"] = 0
+    del saved["optim"]["layer_decay"]  # the keys of that release's schema
+    defaults = flatten(to_plain_dict(load_config()))
+    now = to_plain_dict(load_config(SMOKE_GWI))
+    assert config_changes(saved, now, defaults) == {}
+    assert config_changes(saved, to_plain_dict(load_config(SMOKE_GWI, ["data.fold=1"])), defaults) == {"data.fold": (0, 1)}
+    since = to_plain_dict(load_config(SMOKE_GWI, ["data.fold=0"]))
+    assert config_changes(since, now, defaults) == {"data.fold": (0, None)}
