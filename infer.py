@@ -25,28 +25,14 @@ next to --out). --refine-steps N first refines the maps by N steps of full-wavef
 written / scored, and the misfit before and after is reported. Slow: ~10-30 s per map and step
 on a CPU.
 """
-import argparse
 import sys
 from pathlib import Path
 
-from harness.errors import ArgumentParser, UserError, print_user_error
+from harness.errors import ArgumentParser, UserError, number, print_user_error
 from harness.inference import evaluate_checkpoints, predict_folder, print_json
 
 NUM_WORKERS = 2  # DataLoader workers reading --data
 DATA_ONLY = ("tta", "out", "save_predictions", "num_workers", "sample_submission", "probabilities")  # flags that act on --data only
-
-
-def number(kind: type, low: float, strict: bool = False):
-    """An argparse type: a `kind` (int or float) >= low (> low when strict)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-        if value < low or (strict and value == low) or value != value:  # value != value: NaN
-            raise argparse.ArgumentTypeError(f"expected a value {'>' if strict else '>='} {low:g}, got {text}")
-        return value
-    return parse
 
 
 def check_data_flags(args) -> None:

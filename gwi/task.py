@@ -23,9 +23,11 @@ from gwi import online
 from gwi.models import (MODELS, check_pretrained_path, create_model, known_models, resolve_decoder_channels, resolve_drop_path,
                         resolve_encoder)
 from gwi.physics.velocity import FAMILIES
+from gwi.physics_loss import PhysicsLoss, UnlabelledFiles, WithUnlabelled, check_physics_config
+from gwi.pseudo import PseudoMix, PseudoRounds, check_pseudo_config
 from gwi.report import report
 from gwi.submission import evaluate_folder, is_test_folder, write_submission
-from harness.errors import UserError
+from harness.errors import ConfigError, UserError
 from harness.folds import FoldSamples
 from harness.task import FoldKeys, Section, Task, register_task
 
@@ -67,6 +69,18 @@ class GwiData(FoldKeys):
     exact_flip: bool = Field(False, description="simulated: the training seismic adds a 6th source at x = 35, the mirror of "
                              "the middle one, so data.flip gives the exact gather of the mirrored map (6-source files are "
                              "always flipped exactly; online flips are exact anyway)")
+    # Pseudo-labels and unlabelled data (gwi/pseudo.py, gwi/physics_loss.py).
+    pseudo_dir: Optional[str] = Field(None, description="a test folder (<id>.npy) pseudo-labelled from the EMA (else the raw) "
+                                      "weights every data.pseudo_every_epochs epochs, pairs re-simulated (gwi/pseudo.py)")
+    pseudo_every_epochs: int = Field(1, ge=1, description="pseudo_dir: a new round at the start of epochs k, 2k, ... (into "
+                                     "<output_dir>/pseudo/)")
+    pseudo_fraction: float = Field(0.5, ge=0, le=1, description="pseudo_dir: probability that a training sample is replaced "
+                                   "by a pseudo-labelled one (drawn per seed, epoch, index)")
+    pseudo_max_misfit: Optional[float] = Field(None, ge=0, description="pseudo_dir: keep maps whose misfit norm(F(v) - d) / "
+                                               "norm(d) is at most this; null = all")
+    pseudo_tta: Literal["none", "flip"] = Field("flip", description="pseudo_dir: test-time augmentation of the predictions")
+    unlabelled_roots: list[str] = Field([], description="test-layout folders (<id>.npy, no maps) added to training; they "
+                                        "train through the physics term only (needs loss.physics_weight > 0)")
 
     @model_validator(mode="after")
     def _folds_split_a_fixed_training_set(self):
@@ -119,6 +133,14 @@ class GwiLoss(Section):
     name: Literal["l1", "l1_l2", "smooth_l1"] = Field("l1", description="on velocity scaled to [0, 1]: (v - 1500) / 3000")
     l2_weight: float = Field(0.1, ge=0, description="l1_l2: weight of the squared error added to the L1")
     smooth_l1_beta: float = Field(0.01, gt=0, description="smooth_l1: quadratic below this error (0.01 = 30 m/s)")
+    # The physics term (gwi/physics_loss.py).
+    physics_weight: float = Field(0.0, ge=0, description="w: adds w x norm(F(prediction) - seismic) / norm(seismic) "
+                                  "(adjoint gradient through the simulator; gwi/physics_loss.py); 0 = off")
+    physics_every: int = Field(1, ge=1, description="physics term on every N-th update only")
+    physics_batch_size: Optional[int] = Field(None, ge=1, description="physics term on at most this many samples of a "
+                                              "batch, unlabelled first; null = all")
+    physics_time_steps: int = Field(TIME_STEPS, ge=1, le=TIME_STEPS, description="physics term: simulate and compare the "
+                                    "first this many time samples (cost ~ this)")
 
 
 def scaled_velocity(velocity: torch.Tensor) -> torch.Tensor:
@@ -173,13 +195,32 @@ class GwiTask(Task):
             return online.online_families(self.cfg.data)
         return dataset_families(self.cfg.data)
 
+    step = 0  # optimizer updates done (on_train_start, after_update): when the physics term applies
+
+    @cached_property
+    def physics(self) -> PhysicsLoss | None:
+        """The loss with the physics term (and unlabelled samples), or None for the plain loss."""
+        if not (self.cfg.loss.physics_weight or self.cfg.data.unlabelled_roots):
+            return None
+        return PhysicsLoss(self.cfg.loss, lambda predicted, target: per_sample_loss(predicted, target, self.cfg.loss))
+
     def build_datasets(self, cfg) -> tuple[SeismicPairs, SeismicPairs]:
+        check_physics_config(cfg.data, cfg.loss)
+        if online.uses_online(cfg.data) and (cfg.data.pseudo_dir or cfg.data.unlabelled_roots):
+            raise ConfigError("key 'data.pseudo_dir' / 'data.unlabelled_roots': not combined with online data "
+                              "(data.source=online, data.online_fraction) yet")
         if online.uses_online(cfg.data):
             train, val = online.build_datasets(cfg.data, cfg.seed)
             self.simulator = online.OnlineSimulator(cfg.data.online_nt)
         else:
             train, val = build_datasets(cfg.data, cfg.seed)
         self.families = val.families
+        if cfg.data.unlabelled_roots:
+            train = WithUnlabelled(train, UnlabelledFiles(cfg.data.unlabelled_roots))
+        if cfg.data.pseudo_dir:
+            check_pseudo_config(cfg.data)
+            train = PseudoMix(train, cfg.data.pseudo_fraction, cfg.seed)
+            self.pseudo_rounds = PseudoRounds(self, cfg)
         return train, val
 
     def prepare_batch(self, batch, device):
@@ -188,10 +229,14 @@ class GwiTask(Task):
 
     def after_update(self, model: nn.Module, step: int) -> dict[str, float]:
         """With online data, every log.every_steps updates: the simulation's share of the wall time and
-        its samples per second."""
-        if self.simulator is None or step % self.cfg.log.every_steps:
-            return {}
-        return self.simulator.throughput()
+        its samples per second; with the physics term, its misfit at each update that computed it."""
+        self.step = step
+        values = {}
+        if self.simulator is not None and not step % self.cfg.log.every_steps:
+            values |= self.simulator.throughput()
+        if self.physics is not None and self.physics.last_misfit is not None:
+            values["train/physics_misfit"], self.physics.last_misfit = self.physics.last_misfit, None
+        return values
 
     def fold_samples(self, cfg) -> FoldSamples:
         """By family; the files source by whole files (gwi.data.fold_samples)."""
@@ -200,6 +245,13 @@ class GwiTask(Task):
     def set_epoch(self, train_set: SeismicPairs, epoch: int) -> None:
         train_set.set_epoch(epoch)  # the flip augmentation is drawn per (seed, epoch, index)
 
+    def on_train_start(self, model: nn.Module, run_dir, step: int) -> None:
+        self.step = step
+
+    def on_epoch_start(self, model: nn.Module, train_set, epoch: int, batch: int) -> None:
+        if self.cfg.data.pseudo_dir:  # a new round of pseudo-labels, or the current one read back
+            self.pseudo_rounds.start_epoch(model, train_set, epoch, batch)
+
     def build_model(self, cfg, *, from_checkpoint: bool = False) -> nn.Module:
         # pretrained_path only initialises the encoder: a checkpoint's weights replace it anyway.
         init_only = {"pretrained_path"} if from_checkpoint else set()
@@ -207,6 +259,8 @@ class GwiTask(Task):
         return GwiNet(SeismicInput(cfg.data.time_steps, cfg.data.normalize), net)
 
     def loss(self, outputs: torch.Tensor, batch) -> torch.Tensor:
+        if self.physics is not None:
+            return self.physics(outputs, batch, self.step)
         return per_sample_loss(outputs, batch[1], self.cfg.loss).mean()
 
     def metric_names(self) -> list[str]:

@@ -55,6 +55,19 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(USER_ERROR_EXIT)
 
 
+def number(kind: type, low: float, strict: bool = False):
+    """An argparse type: a `kind` (int or float) >= low (> low when strict)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if value < low or (strict and value == low) or value != value:  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"expected a value {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+    return parse
+
+
 def print_user_error(err: BaseException) -> int:
     """`error: <message>` on stderr (from the main process only) and the exit code for it."""
     if is_main_process():

@@ -197,6 +197,7 @@ def train(cfg: BaseRunConfig, *, more_runs_follow: bool = False) -> dict:
             evaluate_and_keep_best()
         while summary["stopped"] == "finished" and more_to_train(state, total_steps, tc):
             start_epoch(task, train_loader, state.epoch)
+            task.on_epoch_start(weights_for_inference, train_loader.dataset, state.epoch, state.batches_in_epoch)
             batches = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
             model.train()
             for batch, last_replay in replayed(prepared(task, batches, accelerator.device), tc.batch_replays):

@@ -128,6 +128,12 @@ class Task:
         The default returns the batch unchanged."""
         return batch
 
+    def on_epoch_start(self, model: nn.Module, train_set: Dataset, epoch: int, batch: int) -> None:
+        """Called on every process before each pass of the training loop over the training set,
+        after `set_epoch`: `model` holds the weights used for inference (the EMA when it is on, else
+        the unwrapped model), `batch` the batch the pass starts at (0 unless resumed mid-epoch).
+        E.g. refresh pseudo-labels. Not called by the LR finder. The default does nothing."""
+
     def forward(self, model: nn.Module, batch):
         """Run the model on a batch; the default takes the batch's first element as the input."""
         return model(batch[0])

@@ -126,7 +126,7 @@ def _checkpoint_steps(value, simulator: dict) -> int | None:
     return value
 
 
-def _misfit(simulated: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+def relative_misfit(simulated: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
     """(B,) relative L2 misfit, accumulated in float64 (1e5+ values per sample)."""
     residual = torch.linalg.vector_norm((simulated - observed).flatten(1), dim=1, dtype=torch.float64)
     return residual / torch.linalg.vector_norm(observed.flatten(1), dim=1, dtype=torch.float64)
@@ -147,7 +147,7 @@ def seismic_misfit(velocity, observed, *, batch_size: int | None = None, device=
         for start in range(0, len(maps), batch_size):
             chunk = maps[start:start + batch_size].to(device)
             simulated = forward_model(chunk, grad=False, **simulator)
-            out.append(_misfit(simulated, observed[start:start + batch_size].to(device)).to(maps.device))
+            out.append(relative_misfit(simulated, observed[start:start + batch_size].to(device)).to(maps.device))
     misfit = torch.cat(out)
     return misfit.numpy() if as_numpy else misfit
 
@@ -209,7 +209,7 @@ def _refine_chunk(maps, observed, steps, tv_weight, lr, keep_best, checkpoint_st
             velocity = VELOCITY_MIN + (VELOCITY_MAX - VELOCITY_MIN) * x
             simulated = forward_model(velocity, grad=not last, checkpoint_steps=None if last else checkpoint_steps,
                                       gradient=gradient, **simulator)
-            objective = _misfit(simulated, observed)
+            objective = relative_misfit(simulated, observed)
             if tv_weight:
                 objective = objective + tv_weight * total_variation(velocity)
             if not last:
