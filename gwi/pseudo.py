@@ -62,7 +62,7 @@ def label_folder(task, model, data: Path, out: Path, *, source: str, tta: str = 
     loader = DataLoader(files, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator())
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    task.tta = tta
+    task_tta, task.tta = task.tta, tta
     was_training = model.training
     model.eval()
     refine_batch = physics.batch_size or (REFINE_BATCH_CUDA if device.type == "cuda" else REFINE_BATCH_CPU)
@@ -118,6 +118,7 @@ def label_folder(task, model, data: Path, out: Path, *, source: str, tta: str = 
     finally:
         bar.close()
         model.train(was_training)
+        task.tta = task_tta
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
@@ -181,6 +182,7 @@ class PseudoRounds:
 
     def __init__(self, task, cfg):
         self.task, self.data, self.seed = task, cfg.data, cfg.seed
+        self.batch_size = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
         self.root = Path(cfg.output_dir) / "pseudo"
         self.loaded: int | None = None  # the round epoch whose pairs the mix holds
 
@@ -192,16 +194,17 @@ class PseudoRounds:
         if round_epoch == self.loaded:
             return
         folder = self.folder(round_epoch)
-        if round_epoch and read_manifest(folder) is None:
-            if epoch != round_epoch or batch:
-                raise UserError(f"{folder}: the pseudo-labels of epoch {round_epoch} are missing; they were made from the "
-                                f"weights of the start of that epoch and cannot be made again from later ones: restore "
-                                f"the folder, or start a new run")
+        if round_epoch:
             state = PartialState()
-            if state.is_main_process:
+            # The main process makes a missing round; every process waits at the same barrier either way.
+            if state.is_main_process and read_manifest(folder) is None:
+                if epoch != round_epoch or batch:
+                    raise UserError(f"{folder}: the pseudo-labels of epoch {round_epoch} are missing; they were made from "
+                                    f"the weights of the start of that epoch and cannot be made again from later ones: "
+                                    f"restore the folder, or start a new run")
                 print(f"pseudo-labels: epoch {epoch}: predicting {self.data.pseudo_dir} into {folder}", flush=True)
                 label_folder(self.task, model, Path(self.data.pseudo_dir), folder, source=f"{self.root.parent} epoch {epoch}",
-                             tta=self.data.pseudo_tta, max_misfit=self.data.pseudo_max_misfit,
+                             tta=self.data.pseudo_tta, max_misfit=self.data.pseudo_max_misfit, batch_size=self.batch_size,
                              device=next(model.parameters()).device)
                 for old in self.root.glob("epoch*"):
                     if old != folder:

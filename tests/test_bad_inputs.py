@@ -3,7 +3,8 @@ code, never a traceback. CASES is the list; the README's table "Bad input and fa
 from it (`python tests/test_bad_inputs.py` rewrites it) and a test keeps the two equal.
 
 Each case runs the real entry point in this process (train.py's `run_cli`, `infer.main`,
-`gwi.convert.main`, `gwi.physics.synth.main`) on tiny files made in a temporary folder; `{tmp}` in a
+`gwi.convert.main`, `gwi.physics.synth.main`,
+`gwi.pseudo.main`) on tiny files made in a temporary folder; `{tmp}` in a
 command is that folder, `{run}` a trained gwi smoke run and `{cnn_run}` a cnn run on image files
 (shared, read only). To add a case: one
 `Case(...)` below (with a `setup` making its files if it needs any), then run this file.
@@ -95,6 +96,11 @@ def kaggle_truncated(tmp: Path, run: Path | None) -> None:
 def kaggle_text(tmp: Path, run: Path | None) -> None:
     kaggle_folder(tmp, run)
     (tmp / "test" / "b2.npy").write_text("id,value\n1,2\n")
+
+
+def tree_and_kaggle_folder(tmp: Path, run: Path | None) -> None:
+    tree(tmp, run)
+    kaggle_folder(tmp, run)
 
 
 def empty_dir(tmp: Path, run: Path | None) -> None:
@@ -300,6 +306,10 @@ CASES = [
          tree_and_file),
     Case("convert: DST is SRC", "gwi.convert {tmp}/tree {tmp}/tree", "DST {tmp}/tree is SRC", 2, tree),
     Case("synth: an unknown family", "gwi.physics.synth --family Nope --n 4 --out {tmp}/s", "--family 'Nope': unknown", 2),
+    Case("pseudo: --out a folder that is not empty", "gwi.pseudo --checkpoint {run} --data {tmp}/test --out {tmp}/tree",
+         "--out {tmp}/tree: exists and is not empty", 2, tree_and_kaggle_folder),
+    Case("unlabelled data without the physics term", f"train.py {SMOKE} {FILES} data.unlabelled_roots=[{{tmp}}/test]",
+         "key 'data.unlabelled_roots': unlabelled samples only train through the physics term", 2, tree_and_kaggle_folder),
 ]
 
 
@@ -322,6 +332,10 @@ def entry_point(name: str):
         return main
     if name == "gwi.physics.synth":
         from gwi.physics.synth import main
+
+        return main
+    if name == "gwi.pseudo":
+        from gwi.pseudo import main
 
         return main
     raise ValueError(f"unknown entry point {name!r}")
