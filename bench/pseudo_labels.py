@@ -5,7 +5,7 @@ pairs; against it, the same fine-tuning on the training set plus as many fresh F
 Validation is a labelled CurveVel_A set (other maps than the test set's) throughout.
 
     python bench/pseudo_labels.py [--work data/bench_pseudo] [--train 160] [--test 48] [--val 48]
-                                  [--epochs 20] [--finetune-epochs 10] [--tta flip]
+                                  [--epochs 12] [--finetune-epochs 4] [--tta flip]
 
 Data is simulated once into --work (FlatVel_A maps 0..train-1 train, the next `test` ones are the
 fresh samples; CurveVel_A maps 0..val-1 validate, the next `test` ones are the test set) and reused.
@@ -75,8 +75,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=160)
     parser.add_argument("--test", type=int, default=48)
     parser.add_argument("--val", type=int, default=48)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--finetune-epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--finetune-epochs", type=int, default=4)
     parser.add_argument("--tta", choices=["none", "flip"], default="flip")
     args = parser.parse_args()
     data = args.work / "data"

@@ -106,6 +106,7 @@ def test_training_with_unlabelled_test_files_logs_the_physics_misfit(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # four full-grid simulations with their adjoint: over the default 300 s on a busy machine
 def test_physics_steps_on_unlabelled_simulated_seismic_lower_its_mae():
     # A tiny model fitted to maps whose shallow rows are 200 m/s too fast (a biased model); then
     # physics-only updates on the same maps' seismic, with no map in the batch. The first 300 time
