@@ -66,7 +66,7 @@ def test_the_term_uses_unlabelled_samples_first_and_only_every_nth_update():
     supervised = per_sample_loss(predicted[:1], maps[:1], cfg.loss).mean().detach()
     expected = supervised + 0.5 * physics_misfit(predicted[1:], seismic[1:], 30).mean().detach()
     assert float(loss(predicted, batch, step=4).detach()) == pytest.approx(float(expected), rel=1e-6)
-    assert loss.last_misfit == pytest.approx(float(physics_misfit(predicted[1:], seismic[1:], 30).mean()), rel=1e-6)
+    assert loss.last_misfit == pytest.approx(float(physics_misfit(predicted[1:], seismic[1:], 30).mean().detach()), rel=1e-6)
     assert float(loss(predicted, batch, step=5).detach()) == pytest.approx(float(supervised), rel=1e-6)  # not this update
 
     # An all-unlabelled batch on an update without the term: a zero loss that still backpropagates.
