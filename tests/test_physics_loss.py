@@ -73,7 +73,7 @@ def test_the_term_uses_unlabelled_samples_first_and_only_every_nth_update():
     unlabelled = (seismic, torch.full_like(maps, torch.nan), torch.zeros(3))
     out = loss(predicted, unlabelled, step=5)
     out.backward()
-    assert float(out) == 0 and torch.equal(predicted.grad, torch.zeros_like(predicted))
+    assert float(out.detach()) == 0 and torch.equal(predicted.grad, torch.zeros_like(predicted))
 
 
 def test_physics_config_mistakes_are_refused(tmp_path):
@@ -86,6 +86,9 @@ def test_physics_config_mistakes_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=f"key 'data.unlabelled_roots': '{tmp_path / 'nothing'}' is not a folder of <id>.npy"):
         GwiTask(cfg := load_config(SMOKE_GWI, ["data.source=files", f"data.roots=[{tree}]", "loss.physics_weight=1",
                                                f"data.unlabelled_roots=[{tmp_path / 'nothing'}]"])).build_datasets(cfg)
+    with pytest.raises(ConfigError, match="key 'data.pseudo_dir' / 'data.unlabelled_roots': not combined with online data"):
+        GwiTask(cfg := load_config(SMOKE_GWI, ["data.source=online", "loss.physics_weight=1",
+                                               f"data.unlabelled_roots=[{tmp_path}]"])).build_datasets(cfg)
 
 
 def test_training_with_unlabelled_test_files_logs_the_physics_misfit(tmp_path):
