@@ -209,6 +209,17 @@ def sample_generators(seed: int, epoch: int, index: int) -> tuple[np.random.Gene
     return generator, random.Random(int(generator.integers(2**63)))
 
 
+def augmented_pixels(image: np.ndarray, augment, seed: int, epoch: int, index: int) -> torch.Tensor:
+    """One HWC image through `augment` (an albumentations Compose, or None) with the sample's own random
+    state, as float32 C x H x W in [0, 1]."""
+    if augment is not None:
+        augment.set_random_state(*sample_generators(seed, epoch, index))
+        image = augment(image=image)["image"]
+        if image.ndim == 2:  # OpenCV drops a single channel
+            image = image[..., None]
+    return to_unit_float(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+
+
 class ImageSet(Dataset):
     """Images (N, H, W, C), uint8 or float32 in [0, 1], and labels; yields (float32 C x H x W in [0, 1],
     label), augmented by `augment` (an albumentations Compose) seeded per (seed, epoch, index)."""
@@ -224,13 +235,7 @@ class ImageSet(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int):
-        image = self.images[index]
-        if self.augment is not None:
-            self.augment.set_random_state(*sample_generators(self.seed, self.epoch, index))
-            image = self.augment(image=image)["image"]
-            if image.ndim == 2:  # OpenCV drops a single channel
-                image = image[..., None]
-        return to_unit_float(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)), int(self.labels[index])
+        return augmented_pixels(self.images[index], self.augment, self.seed, self.epoch, index), int(self.labels[index])
 
 
 class ImageFiles(Dataset):
@@ -253,13 +258,7 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        image = read_image(self.paths[index], self.channels)
-        if self.transform is not None:
-            self.transform.set_random_state(*sample_generators(self.seed, self.epoch, index))
-            image = self.transform(image=image)["image"]
-            if image.ndim == 2:  # OpenCV drops a single channel
-                image = image[..., None]
-        pixels = to_unit_float(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        pixels = augmented_pixels(read_image(self.paths[index], self.channels), self.transform, self.seed, self.epoch, index)
         if self.targets is None:
             return pixels, index
         if isinstance(self.targets, np.ndarray):
