@@ -101,18 +101,40 @@ def save_weights(module: torch.nn.Module, directory: Path) -> None:
     save_model(module, str(directory / WEIGHTS))  # handles shared (tied) tensors
 
 
-def load_weights(module: torch.nn.Module, checkpoint: str | os.PathLike) -> dict:
+def weights_problem(directory: Path) -> str | None:
+    """Why a checkpoint directory's weights cannot be read (damaged, missing), or None."""
+    return damage(directory) or (None if (directory / WEIGHTS).is_file() else f"{directory / WEIGHTS} is missing")
+
+
+def load_weights(module: torch.nn.Module, checkpoint: str | os.PathLike, label: str = "checkpoint") -> dict:
     """Load `weights.safetensors` of a checkpoint directory (or a run directory: its best) into
-    `module`; returns the checkpoint's meta."""
+    `module`; returns the checkpoint's meta. Weights that do not fit the module (another model or
+    size) are a one-line error naming the first tensors that differ; `label` names the source in it."""
     directory = resolve(checkpoint)
-    problem = damage(directory) or (None if (directory / WEIGHTS).is_file() else f"{directory / WEIGHTS} is missing")
+    problem = weights_problem(directory)
     if problem:
-        raise UserError(f"checkpoint {str(directory)!r}: {problem}")
+        raise UserError(f"{label} {str(directory)!r}: {problem}")
     try:
         load_model(module, str(directory / WEIGHTS), strict=True)
     except SafetensorError as err:
-        raise UserError(f"checkpoint {str(directory)!r}: {directory / WEIGHTS} is unreadable ({err})") from None
+        raise UserError(f"{label} {str(directory)!r}: {directory / WEIGHTS} is unreadable ({err})") from None
+    except RuntimeError as err:  # load_state_dict's report: a header line, then one line per kind of problem
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        raise UserError(f"{label} {str(directory)!r}: its weights do not fit this model: {' '.join(lines[:2])[:400]}") from None
     return read_meta(directory)
+
+
+def resolve_init_from(path: str | os.PathLike) -> Path:
+    """The checkpoint directory the config key `init_from` names (a run folder: its best), checked
+    before anything else runs."""
+    try:
+        directory = resolve(path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"key 'init_from': {err}") from None
+    problem = weights_problem(directory)
+    if problem:
+        raise ConfigError(f"key 'init_from': {problem}")
+    return directory
 
 
 def load_state(accelerator, directory: Path) -> None:
