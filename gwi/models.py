@@ -639,7 +639,7 @@ class TokenDecoder(nn.Module):
         self.cells = MAP_SIZE // self.patch
         self.memory = nn.Linear(encoder_dim, widths[0])
         self.queries = nn.Parameter(torch.zeros(1, self.cells * self.cells, widths[0]))
-        nn.init.trunc_normal_(self.queries, std=0.02)
+        nn.init.normal_(self.queries)  # unit scale: each keeps its identity next to what attention adds
         layers, width = [], widths[0]
         for out in widths:
             if out != width:
@@ -749,13 +749,17 @@ class VitPerSource(VitLayout):
         self.head = VelocityHead(head)
         self.load_pretrained()
 
-    def to_encoder_input(self, seismic: torch.Tensor) -> torch.Tensor:
-        """(B, 5, T, 70) -> (B, 5, side, side): each source an image."""
+    def fold_time(self, seismic: torch.Tensor) -> torch.Tensor:
+        """(B, 5, T, 70) -> (B, 5, T / 4, 4 x 70): row r, column 4x + k is time 4r + k of receiver x."""
         batch, sources, time, receivers = seismic.shape
         rows = -(-time // self.fold)
         seismic = resize(seismic, (rows * self.fold, receivers))  # a multiple of 4 time samples (1000 already is)
         folded = seismic.reshape(batch, sources, rows, self.fold, receivers).transpose(3, 4)
-        return resize(folded.reshape(batch, sources, rows, receivers * self.fold), (self.side, self.side))
+        return folded.reshape(batch, sources, rows, receivers * self.fold)
+
+    def to_encoder_input(self, seismic: torch.Tensor) -> torch.Tensor:
+        """(B, 5, T, 70) -> (B, 5, side, side): each source an image."""
+        return resize(self.fold_time(seismic), (self.side, self.side))
 
     def run_blocks(self, x: torch.Tensor, rope, blocks: range) -> torch.Tensor:
         for index in blocks:

@@ -118,10 +118,29 @@ def load_weights(module: torch.nn.Module, checkpoint: str | os.PathLike, label: 
         load_model(module, str(directory / WEIGHTS), strict=True)
     except SafetensorError as err:
         raise UserError(f"{label} {str(directory)!r}: {directory / WEIGHTS} is unreadable ({err})") from None
-    except RuntimeError as err:  # load_state_dict's report: a header line, then one line per kind of problem
-        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
-        raise UserError(f"{label} {str(directory)!r}: its weights do not fit this model: {' '.join(lines[:2])[:400]}") from None
+    except RuntimeError as err:
+        raise UserError(f"{label} {str(directory)!r}: its weights do not fit this model: {load_problems(str(err))}") from None
     return read_meta(directory)
+
+
+def _names(names: list[str], count: int = 3) -> str:
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
+def load_problems(report: str) -> str:
+    """load_state_dict's multi-line report (missing and unexpected names, size mismatches) in one line:
+    counts and the first names of each kind."""
+    parts = []
+    for kind in ("Missing", "Unexpected"):
+        line = re.search(rf"{kind} key\(s\) in state_dict: (.*)", report)
+        if line:
+            names = re.findall(r'"([^"]+)"', line.group(1))
+            parts.append(f"{len(names)} {'missing from the file' if kind == 'Missing' else 'not in this model'} ({_names(names)})")
+    shapes = re.findall(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[.*?\])\) from checkpoint, "
+                        r"the shape in current model is torch.Size\((\[.*?\])\)", report)
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape ({_names([f'{k} {a} in the file, {b} here' for k, a, b in shapes], 2)})")
+    return "; ".join(parts) or " ".join(report.split())[:300]
 
 
 def resolve_init_from(path: str | os.PathLike) -> Path:
