@@ -343,8 +343,10 @@ def build_training(cfg, task, accelerator: Accelerator, compile: bool, init_from
     tc = cfg.trainer
     train_set, val_set = task.build_datasets(cfg)
     train_loader, val_loader = make_loaders(cfg, task, train_set, val_set)
-    model = task.build_model(cfg)
-    if init_from is not None:  # weights only; a model may adapt them on load (a ViT resamples its position embedding)
+    # With init_from the weights come from a checkpoint next, as in inference: what only initialises
+    # them (a pretrained file) is skipped. A model may adapt tensors on load (a ViT its position embedding).
+    model = task.build_model(cfg, from_checkpoint=init_from is not None)
+    if init_from is not None:
         meta = ckpt.load_weights(model, init_from, label="init_from")
         accelerator.print(f"init_from: weights of {init_from} (step {meta.get('step')}); optimizer, schedule and step start anew")
     if tc.channels_last:

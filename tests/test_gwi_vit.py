@@ -197,9 +197,10 @@ def test_init_from_starts_a_new_side_from_another_runs_weights_and_a_resume_keep
     optimizer = torch.load(second / "checkpoints" / "last" / "optimizer.bin", weights_only=False)
     assert {float(s["step"]) for s in optimizer["state"].values()} == {1.0}  # a fresh optimizer: one step
 
-    # a size no model adapts (another decoder width): one line naming the tensors and shapes
+    # a size no model adapts (another decoder width): one line naming the tensors and shapes; a
+    # pretrained file is not read (init_from's weights would replace it)
     result = train_here(capsys, SMOKE_GWI, f"output_dir={tmp_path / 'other'}", *FAST_VIT, "model.side=64", f"init_from={first}",
-                        "model.decoder_channels=[48]")
+                        "model.decoder_channels=[48]", f"model.pretrained_path={tmp_path / 'gone.safetensors'}")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert re.search(r"its weights do not fit this model: \d+ of another shape \(net\.decoder\.queries \[1, 100, 32\] in the file, "
                      r"\[1, 100, 48\] here, ", result.stderr), result.stderr
