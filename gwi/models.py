@@ -664,7 +664,7 @@ class ConvDecoder(nn.Module):
     convolution to one logit. The encoder's global attention can route what each map cell needs
     to any token, so the tiled layout's shots need not sit above their columns."""
 
-    def __init__(self, encoder_dim: int, channels: Sequence[int], drop_path: float = 0.0):
+    def __init__(self, encoder_dim: int, channels: Sequence[int]):
         super().__init__()
         blocks, width = [], encoder_dim
         for out in channels:
@@ -702,7 +702,7 @@ class VitTiled(VitLayout):
         if self.decoder_kind == "transformer":
             self.decoder = TokenDecoder(self.encoder.embed_dim, channels, drop_path)
         elif self.decoder_kind == "conv":
-            self.decoder = ConvDecoder(self.encoder.embed_dim, channels, drop_path)
+            self.decoder = ConvDecoder(self.encoder.embed_dim, channels)
         else:
             raise ValueError(f"vit_tiled: decoder must be 'transformer' or 'conv', got {decoder!r}")
         self.head = VelocityHead(head)
