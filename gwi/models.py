@@ -6,6 +6,10 @@ factory that builds them by name (`create_model`), so a config picks the model w
     hgnet_unet      timm HGNet-v2 encoder on the seismic resized to 280 x 280, UNet decoder to 70 x 70
     convnext_unet   timm ConvNeXt encoder behind a stem that reads every time sample, UNet decoder
     caformer_unet   the same with a timm CAFormer (or ConvFormer) encoder
+    vit_tiled       a timm ViT-family encoder on the 5 shots tiled into one square image (1st place's
+                    layout), a transformer or convolutional decoder
+    vit_per_source  a timm ViT-family encoder whose first blocks see each source alone, the rest their
+                    average, PixelShuffle to 70 x 70 (3rd place's layout)
 
 Every model ends in the same `VelocityHead`. The encoder models are built with random weights
 (nothing is ever downloaded); `pretrained_path` loads encoder weights from a local file
@@ -14,6 +18,8 @@ Every model ends in the same `VelocityHead`. The encoder models are built with r
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import math
 import os
 from pathlib import Path
 from typing import Literal, Sequence
@@ -23,11 +29,13 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from gwi.layout import MAP_SIZE, SOURCE_X, VELOCITY_MAX, VELOCITY_MIN
-from harness.errors import UserError, is_local_main_process
+from harness.errors import ConfigError, UserError, is_local_main_process
 from harness.registry import Registry
 
 SEISMIC_CHANNELS = len(SOURCE_X)  # one per source
@@ -219,8 +227,9 @@ def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike, encoder_na
     Names are matched after `canonical_key`, so the file may be the encoder's own state_dict, a
     whole timm / torchvision classification model, or a checkpoint of a whole network of this
     project. Tensors of parts the encoder does not have (a classifier head, a decoder) are ignored.
-    A first convolution trained on 3 (or 1) input channels is adapted to the 5 sources (timm's
-    `adapt_input_conv`). Tensors of the modules in `replaced` (a stem this project swapped for its
+    A first convolution trained on 3 (or 1) input channels is adapted to the encoder's (the 5
+    sources; a ViT layout's one image channel) with timm's `adapt_input_conv`, and a ViT's position
+    embedding made at another grid is resampled to the encoder's (`resample_position_embedding`). Tensors of the modules in `replaced` (a stem this project swapped for its
     own) are loaded only where their shapes still fit. Anything else that does not fit - an encoder
     tensor the file lacks, a file tensor inside the encoder's parts that the encoder lacks, a
     different shape - is an error naming the file and the counts, and nothing is loaded.
@@ -240,7 +249,7 @@ def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike, encoder_na
         return (tensor.ndim == 4 and tensor.shape[1] in (1, 3)
                 and tensor.shape[:1] + tensor.shape[2:] == wanted.shape[:1] + wanted.shape[2:])
 
-    loaded, adapted, skipped, ignored, unexpected, mismatched, problems_of_shape = {}, [], [], [], [], [], []
+    loaded, adapted, resampled, skipped, ignored, unexpected, mismatched, problems_of_shape = {}, [], [], [], [], [], [], []
     for file_key, tensor in source.items():
         name = canonical_key(file_key)
         key = own_by_name.get(name)
@@ -255,6 +264,9 @@ def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike, encoder_na
         elif is_rgb_version_of(tensor, wanted):
             loaded[key] = adapt_input_conv(wanted.shape[1], tensor.float()).to(wanted.dtype)
             adapted.append(key)
+        elif name == "pos.embed" and resample_position_embedding(encoder, tensor) is not None:
+            loaded[key] = resample_position_embedding(encoder, tensor).to(wanted.dtype)
+            resampled.append(f"{key} {tuple(tensor.shape)} -> {tuple(wanted.shape)}")
         else:
             mismatched.append(key)
             problems_of_shape.append(f"{file_key} {tuple(tensor.shape)} vs {tuple(wanted.shape)}")
@@ -272,7 +284,9 @@ def load_encoder_weights(encoder: nn.Module, path: str | os.PathLike, encoder_na
     encoder.load_state_dict({**own, **loaded})
     summary = f"loaded {len(loaded)} encoder tensors from {path}"
     if adapted:
-        summary += f"; {_examples(adapted)} adapted to {SEISMIC_CHANNELS} input channels"
+        summary += f"; {_examples(adapted)} adapted to {own[adapted[0]].shape[1]} input channels"
+    if resampled:
+        summary += f"; position embedding resampled to this grid ({resampled[0]})"
     if skipped:
         summary += f"; not loaded (replaced by this model's own stem): {_examples(skipped)}"
     if ignored:
@@ -509,6 +523,273 @@ class CAFormerUNet(TimeStemUNet):
     stem_conv = "stem.conv"
 
 
+# ---- vision transformers on a seismic layout -------------------------------------------------------------
+
+# timm name patterns of the plain ViT family, and the timm modules whose models these layouts can run
+# block by block (VisionTransformer and its DeiT variants, EVA / EVA-02).
+VIT_FAMILIES = ("vit_*", "*dinov2*", "eva02_*", "deit*")
+VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit", "timm.models.eva")
+VIT_EXAMPLES = ("vit_small_patch14_reg4_dinov2", "eva02_small_patch14_224", "deit_tiny_patch16_224")
+
+
+def check_vit_encoder(model_name: str, encoder: str) -> str:
+    """`encoder` if it is a timm model of the plain ViT family (`VIT_FAMILIES`)."""
+    architecture = encoder.split(".")[0]
+    families = ", ".join(VIT_FAMILIES)
+    if not any(fnmatch.fnmatchcase(architecture, pattern) for pattern in VIT_FAMILIES):
+        raise ValueError(f"{model_name} takes a timm ViT-family encoder ({families}; e.g. {', '.join(VIT_EXAMPLES)}), "
+                         f"got {encoder!r}")
+    if not timm.is_model(architecture):
+        near = difflib.get_close_matches(architecture, timm.list_models(VIT_FAMILIES), n=3, cutoff=0.5)
+        raise ValueError(f"{model_name}: timm has no model {encoder!r}" + (f"; nearest: {', '.join(near)}" if near else ""))
+    module = timm.models.model_entrypoint(architecture).__module__
+    if module not in VIT_MODULES:
+        raise ValueError(f"{model_name}: {encoder!r} is a {module} model, not a plain ViT / EVA whose blocks these layouts "
+                         f"run one by one ({families}; e.g. {', '.join(VIT_EXAMPLES)})")
+    return encoder
+
+
+def resample_position_embedding(encoder: nn.Module, tensor: torch.Tensor) -> torch.Tensor | None:
+    """A ViT's absolute position embedding `tensor` made at another grid (a pretrained file at 518
+    px, an earlier stage of a staged run), resampled (timm's `resample_abs_pos_embed`, bicubic) to
+    `encoder`'s own grid; None when it is not one (another width, a non-square grid)."""
+    own = getattr(encoder, "pos_embed", None)
+    if own is None or tensor.ndim != 3 or tensor.shape[-1] != own.shape[-1]:
+        return None
+    grid = encoder.patch_embed.grid_size
+    prefix = own.shape[1] - grid[0] * grid[1]  # class / register tokens with an entry of their own
+    old_side = math.isqrt(tensor.shape[1] - prefix)
+    if old_side * old_side != tensor.shape[1] - prefix:
+        return None
+    return resample_abs_pos_embed(tensor, new_size=list(grid), old_size=[old_side, old_side], num_prefix_tokens=prefix)
+
+
+def _resample_on_load(encoder, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: another grid's position embedding in the state is resampled to this
+    encoder's, so a checkpoint at another side (init_from) loads; a matching one is untouched."""
+    key = prefix + "pos_embed"
+    tensor = state_dict.get(key)
+    if tensor is not None and tensor.shape != encoder.pos_embed.shape:
+        resampled = resample_position_embedding(encoder, tensor)
+        if resampled is not None:
+            state_dict[key] = resampled
+
+
+class VitLayout(nn.Module):
+    """A timm ViT-family encoder (random weights, one input channel, `img_size` = the layout's
+    side) on a square image made from the seismic (`to_encoder_input`). Subclasses lay the seismic
+    out and decode the tokens to 70 x 70 logits; the shared `VelocityHead` makes them m/s.
+
+    Position embeddings follow the side: a pretrained file's (`pretrained_path`) or an earlier
+    stage's (`init_from`, through a load_state_dict pre-hook) are resampled to this grid.
+    """
+
+    model_name = ""  # set by @register
+    default_encoder = ""
+    default_decoder_channels: tuple[int, ...] | None = None
+    options: dict = {}  # layout options (config keys of the model section) -> default
+
+    def __init__(self, encoder: str | None = None, side: int | None = None, drop_path: float = 0.0,
+                 pretrained_path: str | None = None):
+        super().__init__()
+        encoder = self.check_encoder(encoder or self.default_encoder)
+        self.side = side or self.options["side"]
+        self.encoder = timm.create_model(encoder, pretrained=False, num_classes=0, in_chans=1, img_size=self.side,
+                                         drop_path_rate=drop_path)
+        patch = self.encoder.patch_embed.patch_size[0]
+        if self.side % patch:
+            raise ConfigError(f"key 'model.side': {self.side} is not a multiple of {encoder}'s patch size {patch} "
+                              f"(e.g. {self.side // patch * patch} or {(self.side // patch + 1) * patch})")
+        self.grid = tuple(self.encoder.patch_embed.grid_size)
+        self.encoder.register_load_state_dict_pre_hook(_resample_on_load)
+        self.encoder_name = encoder
+        self.pretrained_path = pretrained_path
+
+    def load_pretrained(self) -> None:
+        """Called by subclasses once every module exists (an error then names the whole encoder)."""
+        if self.pretrained_path:
+            report(load_encoder_weights(self.encoder, self.pretrained_path, self.encoder_name))
+
+    @classmethod
+    def check_encoder(cls, encoder: str) -> str:
+        return check_vit_encoder(cls.model_name, encoder)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, grid h x w, D) after the encoder's final norm, prefix tokens dropped."""
+        return self.encoder.forward_features(images)[:, self.encoder.num_prefix_tokens:]
+
+    def token_map(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, h x w, C) -> (B, C, h, w)."""
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *self.grid)
+
+    def to_encoder_input(self, seismic: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TokenDecoder(nn.Module):
+    """A second transformer as decoder (1st place's): learned queries, one per 7 x 7 patch of the
+    70 x 70 map, join the encoder's tokens (projected to the decoder's width) in timm ViT blocks of
+    self-attention over both; each query then becomes its patch's 49 logits. `widths` are the
+    blocks' token widths (a linear projection where one changes); heads: gcd(width, 8)."""
+
+    patch = 7
+
+    def __init__(self, encoder_dim: int, widths: Sequence[int], drop_path: float = 0.0):
+        super().__init__()
+        self.cells = MAP_SIZE // self.patch
+        self.memory = nn.Linear(encoder_dim, widths[0])
+        self.queries = nn.Parameter(torch.zeros(1, self.cells * self.cells, widths[0]))
+        nn.init.normal_(self.queries)  # unit scale: each keeps its identity next to what attention adds
+        layers, width = [], widths[0]
+        for out in widths:
+            if out != width:
+                layers.append(nn.Linear(width, out))
+            layers.append(Block(out, num_heads=math.gcd(out, 8), qkv_bias=True, drop_path=drop_path))
+            width = out
+        self.blocks = nn.Sequential(*layers)
+        self.norm = nn.LayerNorm(width)
+        self.to_pixels = nn.Linear(width, self.patch * self.patch)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        batch, queries = tokens.shape[0], self.queries.shape[1]
+        x = self.blocks(torch.cat([self.queries.expand(batch, -1, -1), self.memory(tokens)], dim=1))
+        pixels = self.to_pixels(self.norm(x[:, :queries]))  # (B, cells^2, 49)
+        cells, patch = self.cells, self.patch
+        return pixels.reshape(batch, cells, cells, patch, patch).permute(0, 1, 3, 2, 4).reshape(batch, 1, MAP_SIZE, MAP_SIZE)
+
+
+class ConvDecoder(nn.Module):
+    """A convolutional decoder: the token grid as a feature map, then one block (two conv blocks)
+    per entry of `channels`, at sizes growing evenly from the grid to 70 x 70, and a 3 x 3
+    convolution to one logit. The encoder's global attention can route what each map cell needs
+    to any token, so the tiled layout's shots need not sit above their columns."""
+
+    def __init__(self, encoder_dim: int, channels: Sequence[int]):
+        super().__init__()
+        blocks, width = [], encoder_dim
+        for out in channels:
+            blocks.append(nn.Sequential(conv_block(width, out), conv_block(out, out)))
+            width = out
+        self.blocks = nn.ModuleList(blocks)
+        self.to_logits = nn.Conv2d(width, 1, kernel_size=3, padding=1)
+
+    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        steps = len(self.blocks)
+        for index, block in enumerate(self.blocks):
+            fraction = (index + 1) / steps
+            size = tuple(round(g + (MAP_SIZE - g) * fraction) for g in grid)
+            features = block(F.interpolate(features, size=size, mode="bilinear", align_corners=False))
+        return self.to_logits(features)
+
+
+@register("vit_tiled")
+class VitTiled(VitLayout):
+    """1st place's layout: the five shot gathers side by side along the receiver axis, (T, 5 x 70),
+    resized to one square image of `side` (default 350: time 1000 -> 350, receivers unchanged), a
+    ViT encoder, and a decoder to 70 x 70: `decoder="transformer"` (`TokenDecoder`, default) or
+    `"conv"` (`ConvDecoder`); `decoder_channels` are its blocks' widths."""
+
+    default_encoder = "vit_small_patch14_reg4_dinov2"
+    default_decoder_channels = (256, 256, 256, 256)
+    options = {"side": 350, "decoder": "transformer"}
+
+    def __init__(self, encoder: str | None = None, width: float = 1.0, head: Literal["sigmoid", "clamp"] = "sigmoid",
+                 decoder_channels: Sequence[int] | None = None, drop_path: float = 0.0, pretrained_path: str | None = None,
+                 side: int | None = None, decoder: Literal["transformer", "conv"] | None = None):
+        super().__init__(encoder, side, drop_path, pretrained_path)
+        self.decoder_kind = decoder or self.options["decoder"]
+        channels = scaled_channels(decoder_channels or self.default_decoder_channels, width)
+        if self.decoder_kind == "transformer":
+            self.decoder = TokenDecoder(self.encoder.embed_dim, channels, drop_path)
+        elif self.decoder_kind == "conv":
+            self.decoder = ConvDecoder(self.encoder.embed_dim, channels)
+        else:
+            raise ValueError(f"vit_tiled: decoder must be 'transformer' or 'conv', got {decoder!r}")
+        self.head = VelocityHead(head)
+        self.load_pretrained()
+
+    def to_encoder_input(self, seismic: torch.Tensor) -> torch.Tensor:
+        batch, sources, time, receivers = seismic.shape
+        tiled = seismic.permute(0, 2, 1, 3).reshape(batch, 1, time, sources * receivers)  # shot k at columns 70k..70k+69
+        return resize(tiled, (self.side, self.side))
+
+    def forward(self, seismic: torch.Tensor) -> torch.Tensor:
+        tokens = self.tokens(self.to_encoder_input(seismic))
+        if self.decoder_kind == "conv":
+            tokens = self.token_map(tokens)
+        return self.head(self.decoder(tokens, self.grid))
+
+
+@register("vit_per_source")
+class VitPerSource(VitLayout):
+    """3rd place's layout: each source's gather (T, 70) folded to (T / 4, 4 x 70) - every 4
+    consecutive time samples of a receiver side by side, so receiver x keeps columns 4x..4x+3 -
+    and resized to `side` (default 252); the first `shared_blocks` encoder blocks run on each source
+    alone (the five share their weights), the sources' tokens are then averaged, and the remaining
+    blocks run once. A linear layer makes 16 values per token, PixelShuffle(4) a 4 x grid map
+    (72 x 72 at side 252 with 14-pixel patches, cropped to 70 x 70 as the 3rd place did; any other
+    size is resized to 70 x 70)."""
+
+    default_encoder = "eva02_small_patch14_224"
+    options = {"side": 252, "shared_blocks": 4}
+    upscale = 4
+    fold = 4  # time samples side by side per receiver
+
+    def __init__(self, encoder: str | None = None, width: float = 1.0, head: Literal["sigmoid", "clamp"] = "sigmoid",
+                 drop_path: float = 0.0, pretrained_path: str | None = None, side: int | None = None,
+                 shared_blocks: int | None = None):
+        super().__init__(encoder, side, drop_path, pretrained_path)
+        self.shared_blocks = self.options["shared_blocks"] if shared_blocks is None else shared_blocks
+        depth = len(self.encoder.blocks)
+        if not 0 <= self.shared_blocks <= depth:
+            raise ConfigError(f"key 'model.shared_blocks': {self.shared_blocks} is not between 0 and "
+                              f"{self.encoder_name}'s {depth} blocks")
+        self.to_subpixels = nn.Linear(self.encoder.embed_dim, self.upscale * self.upscale)
+        self.shuffle = nn.PixelShuffle(self.upscale)
+        self.head = VelocityHead(head)
+        self.load_pretrained()
+
+    def fold_time(self, seismic: torch.Tensor) -> torch.Tensor:
+        """(B, 5, T, 70) -> (B, 5, T / 4, 4 x 70): row r, column 4x + k is time 4r + k of receiver x."""
+        batch, sources, time, receivers = seismic.shape
+        rows = -(-time // self.fold)
+        seismic = resize(seismic, (rows * self.fold, receivers))  # a multiple of 4 time samples (1000 already is)
+        folded = seismic.reshape(batch, sources, rows, self.fold, receivers).transpose(3, 4)
+        return folded.reshape(batch, sources, rows, receivers * self.fold)
+
+    def to_encoder_input(self, seismic: torch.Tensor) -> torch.Tensor:
+        """(B, 5, T, 70) -> (B, 5, side, side): each source an image."""
+        return resize(self.fold_time(seismic), (self.side, self.side))
+
+    def run_blocks(self, x: torch.Tensor, rope, blocks: range) -> torch.Tensor:
+        for index in blocks:
+            block = self.encoder.blocks[index]
+            if rope is None:  # VisionTransformer blocks
+                x = block(x)
+            else:  # EVA blocks take the rotary embedding (per block in timm's "mixed" RoPE mode)
+                x = block(x, rope=rope[index] if getattr(self.encoder, "rope_mixed", False) else rope)
+        return x
+
+    def forward(self, seismic: torch.Tensor) -> torch.Tensor:
+        images = self.to_encoder_input(seismic)
+        batch, sources = images.shape[:2]
+        x = self.encoder.patch_embed(images.reshape(batch * sources, 1, self.side, self.side))
+        x = self.encoder._pos_embed(x)  # EVA also returns its rotary embedding
+        x, rope = x if isinstance(x, tuple) else (x, None)
+        x = self.encoder.norm_pre(x)
+        x = self.run_blocks(x, rope, range(self.shared_blocks))
+        x = x.reshape(batch, sources, *x.shape[1:]).mean(dim=1)
+        x = self.run_blocks(x, rope, range(self.shared_blocks, len(self.encoder.blocks)))
+        tokens = self.encoder.norm(x)[:, self.encoder.num_prefix_tokens:]
+        pixels = self.shuffle(self.token_map(self.to_subpixels(tokens)))
+        size = pixels.shape[-1]
+        if size == MAP_SIZE + 2:
+            pixels = pixels[..., 1:-1, 1:-1]
+        elif size != MAP_SIZE:
+            pixels = F.interpolate(pixels, size=(MAP_SIZE, MAP_SIZE), mode="bilinear", align_corners=False, antialias=True)
+        return self.head(pixels)
+
+
 # ---- the factory ------------------------------------------------------------------------------------
 
 # The models that take an encoder (and the encoder options below): those with a check_encoder.
@@ -521,7 +802,8 @@ def known_models() -> list[str]:
 
 def create_model(name: str, **kwargs) -> nn.Module:
     """The model registered as `name`, built with `kwargs` (width, head; the encoder models also
-    encoder, decoder_channels, drop_path, pretrained_path); ValueError for an unknown name."""
+    encoder, decoder_channels, drop_path, pretrained_path; the ViT layouts side and decoder /
+    shared_blocks); ValueError for an unknown name."""
     return MODELS.create(name, **kwargs)
 
 
@@ -548,11 +830,35 @@ def resolve_decoder_channels(model_name: str | None, channels: list[int] | None)
     model = _encoder_option(model_name, "decoder_channels", channels)
     if model is None:
         return channels
+    if model.default_decoder_channels is None:  # vit_per_source: a linear layer and PixelShuffle
+        if channels is not None:
+            raise ValueError(f"{model_name} has no decoder blocks (a linear layer and PixelShuffle); leave decoder_channels unset")
+        return None
     channels = list(channels or model.default_decoder_channels)
+    if issubclass(model, VitLayout):  # any number of decoder blocks
+        if not channels or min(channels) < 1:
+            raise ValueError(f"{model_name} needs one or more positive decoder widths, got {channels}")
+        return channels
     wanted = len(model.default_decoder_channels)
     if len(channels) != wanted or min(channels) < 1:
         raise ValueError(f"{model_name} needs {wanted} positive decoder channels (deepest first), got {channels}")
     return channels
+
+
+LAYOUT_MODELS = sorted(name for name, model in MODELS.items() if getattr(model, "options", None))
+
+
+def resolve_layout_option(model_name: str | None, key: str, value):
+    """A ViT layout's option (side, decoder, shared_blocks), filled in with the model's default;
+    refused for a model without it."""
+    model = MODELS.get(model_name) if model_name in MODELS else None
+    options = getattr(model, "options", {})
+    if key in options:
+        return options[key] if value is None else value
+    if model is not None and value is not None:
+        owners = [name for name in LAYOUT_MODELS if key in MODELS.get(name).options]
+        raise ValueError(f"{model_name} has no option {key}; it applies to {', '.join(owners)}")
+    return value
 
 
 def resolve_drop_path(model_name: str | None, encoder: str | None, drop_path: float | None) -> float | None:

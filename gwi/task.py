@@ -21,7 +21,7 @@ from gwi.data import SeismicInput, SeismicPairs, build_datasets, dataset_familie
 from gwi.layout import SEISMIC_SAMPLE_SHAPE, TIME_STEPS, TRAINING_LAYOUTS, VELOCITY_MAX, VELOCITY_MIN, has_training_data
 from gwi import online
 from gwi.models import (MODELS, check_pretrained_path, create_model, known_models, resolve_decoder_channels, resolve_drop_path,
-                        resolve_encoder)
+                        resolve_encoder, resolve_layout_option)
 from gwi.physics.velocity import FAMILIES
 from gwi.physics_loss import PhysicsLoss, UnlabelledFiles, WithUnlabelled, check_physics_config
 from gwi.pseudo import PseudoMix, PseudoRounds, check_pseudo_config
@@ -110,16 +110,31 @@ class GwiModel(Section):
     encoder: Annotated[Optional[str], AfterValidator(
         lambda value, info: resolve_encoder(info.data.get("name"), value))] = Field(
         None, validate_default=True,
-        description="timm encoder (unet: smp's own or tu-<timm name>); null = resnet18 / hgnetv2_b0 / convnext_atto / caformer_s18")
+        description="timm encoder (unet: smp's own or tu-<timm name>; vit_*: vit_*, *dinov2*, eva02_*, deit*); null = resnet18 / "
+        "hgnetv2_b0 / convnext_atto / caformer_s18 / vit_small_patch14_reg4_dinov2 (vit_tiled) / eva02_small_patch14_224 (vit_per_source)")
     pretrained_path: Annotated[Optional[str], AfterValidator(
         lambda value, info: check_pretrained_path(info.data.get("name"), value))] = Field(
         None, description="local .pth/.safetensors of encoder weights (e.g. a timm ImageNet file) loaded at build; never downloaded")
     decoder_channels: Annotated[Optional[list[int]], AfterValidator(
         lambda value, info: resolve_decoder_channels(info.data.get("name"), value))] = Field(
-        None, validate_default=True, description="UNet decoder block channels, deepest first (unet: 5, others: 4); null = model default")
+        None, validate_default=True, description="decoder block channels, deepest first (unet: 5, other UNets: 4; vit_tiled: any number, "
+        "default 4 x 256); null = model default")
     drop_path: Annotated[Optional[float], AfterValidator(
         lambda value, info: resolve_drop_path(info.data.get("name"), info.data.get("encoder"), value))] = Field(
         None, ge=0, lt=1, validate_default=True, description="encoder stochastic depth rate (timm drop_path_rate); null = 0")
+    # The ViT layouts' own options; null = the model's default, filled in (a staged run's side is its own).
+    side: Annotated[Optional[int], AfterValidator(lambda value, info: resolve_layout_option(info.data.get("name"), "side", value))] = Field(
+        None, ge=14, validate_default=True,
+        description="vit_tiled / vit_per_source: side of the square image the seismic is laid out as, a multiple of the "
+        "encoder's patch size; null = 350 / 252")
+    decoder: Annotated[Optional[Literal["transformer", "conv"]], AfterValidator(
+        lambda value, info: resolve_layout_option(info.data.get("name"), "decoder", value))] = Field(
+        None, validate_default=True, description="vit_tiled: transformer (learned queries per 7 x 7 patch with the encoder's "
+        "tokens in ViT blocks) or conv (the token grid upsampled by conv blocks); widths: decoder_channels; null = transformer")
+    shared_blocks: Annotated[Optional[int], AfterValidator(
+        lambda value, info: resolve_layout_option(info.data.get("name"), "shared_blocks", value))] = Field(
+        None, ge=0, validate_default=True, description="vit_per_source: the first N encoder blocks run on each source alone "
+        "(weights shared by the 5 sources), then the sources are averaged and the other blocks run once; null = 4")
 
     @field_validator("name")
     @classmethod

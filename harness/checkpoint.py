@@ -101,18 +101,59 @@ def save_weights(module: torch.nn.Module, directory: Path) -> None:
     save_model(module, str(directory / WEIGHTS))  # handles shared (tied) tensors
 
 
-def load_weights(module: torch.nn.Module, checkpoint: str | os.PathLike) -> dict:
+def weights_problem(directory: Path) -> str | None:
+    """Why a checkpoint directory's weights cannot be read (damaged, missing), or None."""
+    return damage(directory) or (None if (directory / WEIGHTS).is_file() else f"{directory / WEIGHTS} is missing")
+
+
+def load_weights(module: torch.nn.Module, checkpoint: str | os.PathLike, label: str = "checkpoint") -> dict:
     """Load `weights.safetensors` of a checkpoint directory (or a run directory: its best) into
-    `module`; returns the checkpoint's meta."""
+    `module`; returns the checkpoint's meta. Weights that do not fit the module (another model or
+    size) are a one-line error naming the first tensors that differ; `label` names the source in it."""
     directory = resolve(checkpoint)
-    problem = damage(directory) or (None if (directory / WEIGHTS).is_file() else f"{directory / WEIGHTS} is missing")
+    problem = weights_problem(directory)
     if problem:
-        raise UserError(f"checkpoint {str(directory)!r}: {problem}")
+        raise UserError(f"{label} {str(directory)!r}: {problem}")
     try:
         load_model(module, str(directory / WEIGHTS), strict=True)
     except SafetensorError as err:
-        raise UserError(f"checkpoint {str(directory)!r}: {directory / WEIGHTS} is unreadable ({err})") from None
+        raise UserError(f"{label} {str(directory)!r}: {directory / WEIGHTS} is unreadable ({err})") from None
+    except RuntimeError as err:
+        raise UserError(f"{label} {str(directory)!r}: its weights do not fit this model: {load_problems(str(err))}") from None
     return read_meta(directory)
+
+
+def _names(names: list[str], count: int = 3) -> str:
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
+def load_problems(report: str) -> str:
+    """load_state_dict's multi-line report (missing and unexpected names, size mismatches) in one line:
+    counts and the first names of each kind."""
+    parts = []
+    for kind in ("Missing", "Unexpected"):
+        line = re.search(rf"{kind} key\(s\) in state_dict: (.*)", report)
+        if line:
+            names = re.findall(r'"([^"]+)"', line.group(1))
+            parts.append(f"{len(names)} {'missing from the file' if kind == 'Missing' else 'not in this model'} ({_names(names)})")
+    shapes = re.findall(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[.*?\])\) from checkpoint, "
+                        r"the shape in current model is torch.Size\((\[.*?\])\)", report)
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape ({_names([f'{k} {a} in the file, {b} here' for k, a, b in shapes], 2)})")
+    return "; ".join(parts) or " ".join(report.split())[:300]
+
+
+def resolve_init_from(path: str | os.PathLike) -> Path:
+    """The checkpoint directory the config key `init_from` names (a run folder: its best), checked
+    before anything else runs."""
+    try:
+        directory = resolve(path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"key 'init_from': {err}") from None
+    problem = weights_problem(directory)
+    if problem:
+        raise ConfigError(f"key 'init_from': {problem}")
+    return directory
 
 
 def load_state(accelerator, directory: Path) -> None:

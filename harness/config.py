@@ -136,6 +136,7 @@ class BaseRunConfig(Section):
     resume: str = Field("auto", description="auto: continue from output_dir/checkpoints/last if present; never (an earlier run in output_dir is moved aside to .previous-<time>/); or a checkpoint path")
     resume_changes: Literal["refuse", "allow"] = Field(
         "refuse", description="resuming a checkpoint whose config differs in a key that shapes the run (seed, model, data, optimizer, schedule, batch): refuse, or allow; length, lr, evaluation and logging keys may always change (every change is printed)")
+    init_from: Optional[str] = Field(None, description="a run folder (its best) or checkpoint directory whose weights start this run (weights only: not the optimizer or step; a ViT's position embeddings are resampled to this run's side); ignored when resuming")
     trainer: Trainer = Trainer()
     optim: Optim = Optim()
     sched: Sched = Sched()

@@ -77,7 +77,7 @@ def train(cfg: BaseRunConfig, *, more_runs_follow: bool = False) -> dict:
     run_folder = RunFolder.open(accelerator, cfg)
 
     # ---- data and model -------------------------------------------------------------------------
-    parts = build_training(cfg, task, accelerator, compile=tc.compile)
+    parts = build_training(cfg, task, accelerator, compile=tc.compile, init_from=run_folder.init_from)
     train_loader, val_loader = parts.train_loader, parts.val_loader
     model, raw_model, optimizer = parts.model, parts.raw_model, parts.optimizer
     update_step = UpdateStep(accelerator, task, model, optimizer, parts.sam, tc.grad_clip, tc.channels_last, tc.on_nonfinite)
@@ -337,13 +337,18 @@ class Training:
     sam: SharpnessAware | None
 
 
-def build_training(cfg, task, accelerator: Accelerator, compile: bool) -> Training:
-    """The task's data and model, the loaders, channels_last, the optimizer and SAM, prepared by
-    `accelerator` (see `make_accelerator`)."""
+def build_training(cfg, task, accelerator: Accelerator, compile: bool, init_from: Path | None = None) -> Training:
+    """The task's data and model (its weights from the checkpoint `init_from`, when given), the
+    loaders, channels_last, the optimizer and SAM, prepared by `accelerator` (see `make_accelerator`)."""
     tc = cfg.trainer
     train_set, val_set = task.build_datasets(cfg)
     train_loader, val_loader = make_loaders(cfg, task, train_set, val_set)
-    model = task.build_model(cfg)
+    # With init_from the weights come from a checkpoint next, as in inference: what only initialises
+    # them (a pretrained file) is skipped. A model may adapt tensors on load (a ViT its position embedding).
+    model = task.build_model(cfg, from_checkpoint=init_from is not None)
+    if init_from is not None:
+        meta = ckpt.load_weights(model, init_from, label="init_from")
+        accelerator.print(f"init_from: weights of {init_from} (step {meta.get('step')}); optimizer, schedule and step start anew")
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model)

@@ -6,8 +6,8 @@
 Everything is built from the config exactly as `train.py` builds it (harness.loop's
 `build_training`: Accelerator with trainer.mixed_precision and grad accumulation, the training
 DataLoader, the model, the optimizer from the optim section with its weight decay, momentum and
-parameter groups, SAM), starting from the initial weights (a checkpoint in output_dir is neither
-read nor touched), and each update is the loop's own (`UpdateStep`: clipping, SAM, batch replays,
+parameter groups, SAM), starting from the initial weights (init_from's, when set; a checkpoint in
+output_dir is neither read nor touched), and each update is the loop's own (`UpdateStep`: clipping, SAM, batch replays,
 trainer.on_nonfinite). Then, one optimizer update per step, the learning rate rises exponentially
 from --start-lr to --end-lr over --steps updates (the loader is cycled when it is shorter), and the
 training loss of each update is recorded. The loss is smoothed by an exponential moving average with
@@ -41,6 +41,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from harness import checkpoint as ckpt
 from harness.cli import run_cli
 from harness.errors import UserError, print_user_error
 from harness.loop import NonFiniteLoss, UpdateStep, build_training, make_accelerator, prepared, replayed, start_epoch
@@ -283,7 +284,8 @@ def lr_find(cfg, start_lr: float = START_LR, end_lr: float = END_LR, steps: int 
     # nothing is added to a run in output_dir). No torch.compile even with trainer.compile: compiling
     # would take longer than the sweep itself and does not change the losses.
     accelerator = make_accelerator(cfg)
-    parts = build_training(cfg, task, accelerator, compile=False)
+    parts = build_training(cfg, task, accelerator, compile=False,
+                           init_from=ckpt.resolve_init_from(cfg.init_from) if cfg.init_from else None)
 
     progress = cfg.log.progress
     show_bar = accelerator.is_main_process and (progress == "bar" or (progress == "auto" and sys.stderr.isatty()))

@@ -39,7 +39,7 @@ LOCK_TRIES = 10  # 0.1 s apart: `python -m harness.runs` holds the lock for an i
 # speed); a change to any other key (seed, model, data, optimizer, schedule, batch) is refused unless
 # resume_changes=allow. Every change is printed.
 RESUMABLE_CHANGES = (
-    "output_dir", "resume", "resume_changes", "log.*", "checkpoint.keep_top_k",
+    "output_dir", "resume", "resume_changes", "init_from", "log.*", "checkpoint.keep_top_k",
     "trainer.epochs", "trainer.max_steps", "trainer.max_minutes", "trainer.eval_every_*", "trainer.save_every_steps",
     "trainer.eval_batch_size", "trainer.num_workers", "trainer.compile", "trainer.channels_last",
     "trainer.deterministic", "trainer.on_nonfinite", "trainer.grad_clip",
@@ -244,6 +244,7 @@ class RunFolder:
         self.say = say
         self.lock: RunLock | None = None
         self.resume_from: Path | None = None
+        self.init_from: Path | None = None  # init_from's checkpoint, when this run starts from step 0
         self.resumed_step = 0
         self.resumed_reason = None  # why the checkpoint resumed from was written (epoch, finished, SIGTERM, ...)
         self.changes: dict[str, tuple] = {}
@@ -251,12 +252,13 @@ class RunFolder:
     @classmethod
     def open(cls, accelerator, cfg) -> "RunFolder":
         folder = cls(Path(cfg.output_dir), accelerator.print)
-        verdict = [None, None, None]  # error kind, message, the checkpoint to resume from
+        verdict = [None, None, None, None]  # error kind, message, the checkpoint to resume from, init_from's
         failure = None
         if accelerator.is_main_process:
             try:
                 folder._prepare(cfg)
                 verdict[2] = str(folder.resume_from) if folder.resume_from else None
+                verdict[3] = str(folder.init_from) if folder.init_from else None
             except Exception as err:
                 failure = err
                 kind = "config" if isinstance(err, ConfigError) else "user" if isinstance(err, UserError) else "failed"
@@ -272,6 +274,7 @@ class RunFolder:
         if verdict[1] is not None:
             raise {"config": ConfigError, "user": UserError}.get(verdict[0], RunFailed)(verdict[1])
         folder.resume_from = Path(verdict[2]) if verdict[2] else None
+        folder.init_from = Path(verdict[3]) if verdict[3] else None
         if folder.resume_from is not None:
             folder.resumed_reason = ckpt.read_meta(folder.resume_from).get("reason")
         return folder
@@ -294,6 +297,10 @@ class RunFolder:
             problem = ckpt.damage(source)
             if problem:
                 raise UserError(f"key 'resume': cannot resume: {problem}")
+        if source is None and cfg.init_from:  # checked before an earlier run is moved aside
+            self.init_from = ckpt.resolve_init_from(cfg.init_from)
+        elif cfg.init_from:
+            say(f"init_from {cfg.init_from} not used: the run resumes from {source}")
         own = source is not None and source.resolve().parent == ckpt_dir.resolve()
         if source is not None:
             meta = ckpt.read_meta(source)

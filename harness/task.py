@@ -110,7 +110,7 @@ class Task:
 
     def build_model(self, cfg, *, from_checkpoint: bool = False) -> nn.Module:
         """The model, and nothing else: no files, no printing (that is `on_train_start`). With
-        `from_checkpoint` the weights are loaded from a checkpoint next (inference): skip what only
+        `from_checkpoint` the weights are loaded from a checkpoint next (inference, init_from): skip what only
         initialises them, such as a pretrained-weights file, usually absent on the predicting machine."""
         raise NotImplementedError
 

@@ -218,6 +218,10 @@ CASES = [
     Case("an unknown task", f"train.py {SMOKE} task=nosuch", "key 'task': unknown task 'nosuch'; known tasks: cnn, gwi", 2),
     Case("a batch larger than the training set", f"train.py {SMOKE} trainer.batch_size=1000 data.num_train=16 {QUIET} "
          "output_dir={tmp}/out", "key 'trainer.batch_size': 1000 is larger than the training set (16 samples)", 2),
+    Case("init_from a folder without checkpoints", f"train.py {SMOKE} {QUIET} init_from={{tmp}} output_dir={{tmp}}/out",
+         "key 'init_from': no complete checkpoint (a directory with meta.json) at '{tmp}'", 2),
+    Case("a ViT layout with a CNN encoder", f"train.py {SMOKE} model.name=vit_tiled model.encoder=resnet18",
+         "key 'model.encoder': vit_tiled takes a timm ViT-family encoder (vit_*, *dinov2*, eva02_*, deit*;", 2),
     Case("an unknown WANDB_MODE", f"train.py {SMOKE} {QUIET} output_dir={{tmp}}/out", "WANDB_MODE='sometimes': expected "
          "online, offline or disabled", 2, env={"WANDB_MODE": "sometimes"}),
     Case("a fold number out of range", f"train.py {SMOKE} data.fold=5 data.folds=5",

@@ -18,6 +18,7 @@ from gwi.task import GwiData, GwiLoss, GwiModel, GwiTask
 from harness.config import load_config
 from harness.errors import ConfigError, UserError
 from harness.loop import train
+from harness.rundir import flatten
 
 from conftest import read_metrics
 from gwi_files import write_tree
@@ -25,11 +26,17 @@ from gwi_files import write_tree
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAMES = ["inversionnet", *ENCODER_MODELS]
 SMALL = dict(width=0.25)  # quarter-width decoders (InversionNet: quarter-width everywhere) keep the CPU busy for less
+# the ViT layouts' default encoders on a 56 x 56 image (4 x 4 tokens)
+SMALL_OPTIONS = {"vit_tiled": dict(side=56), "vit_per_source": dict(side=56)}
+
+
+def small(name: str) -> dict:
+    return {**SMALL, **SMALL_OPTIONS.get(name, {})}
 
 
 def build(name: str, seed: int = 0, **options) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return create_model(name, **{**SMALL, **options})
+    return create_model(name, **{**small(name), **options})
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +135,7 @@ def test_pretrained_path_loads_a_saved_encoder_through_the_config(name, tmp_path
     saved = {k: v + 1 if v.is_floating_point() else v for k, v in build(name).encoder.state_dict().items()}
     path = tmp_path / "encoder.safetensors"
     save_file({k: v.contiguous() for k, v in saved.items()}, path)
-    cfg = types.SimpleNamespace(data=GwiData(time_steps=72), model=GwiModel(name=name, pretrained_path=str(path), **SMALL))
+    cfg = types.SimpleNamespace(data=GwiData(time_steps=72), model=GwiModel(name=name, pretrained_path=str(path), **small(name)))
     model = GwiTask(cfg).build_model(cfg).net
     assert_same_tensors(model.encoder.state_dict(), saved)
 
@@ -203,7 +210,7 @@ def test_pretrained_path_that_does_not_fit_is_a_clear_error(tmp_path):
 def test_config_fills_in_model_defaults():
     assert GwiModel(name="hgnet_unet").model_dump(exclude={"width", "head"}) == {
         "name": "hgnet_unet", "encoder": "hgnetv2_b0", "pretrained_path": None, "decoder_channels": [256, 128, 64, 32],
-        "drop_path": 0.0}
+        "drop_path": 0.0, "side": None, "decoder": None, "shared_blocks": None}
     assert GwiModel(name="unet").encoder == "resnet18" and GwiModel(name="unet").decoder_channels == [256, 128, 64, 32, 16]
     assert GwiModel(name="caformer_unet", encoder="convformer_s18.sail_in1k").encoder == "convformer_s18.sail_in1k"
     assert GwiModel().model_dump(exclude_none=True) == {"name": "inversionnet", "width": 1.0, "head": "sigmoid"}
@@ -243,14 +250,22 @@ def labelled_tree(tmp_path_factory):
     return write_tree(tmp_path_factory.mktemp("train_samples"), {"FlatVel_A": ("vel", 4, 2), "CurveFault_A": ("fault", 4, 2)})
 
 
+# The ViT recipes on a CPU: their layouts and decoders with a small encoder on a small image, batch 2
+# (the recipes' own encoders at full side take minutes a step here; see the README's model table).
+RECIPE_OVERRIDES = {
+    "vit_tiled": ["model.encoder=deit_tiny_patch16_224", "model.side=64", "model.decoder_channels=[64]", "trainer.batch_size=2"],
+    "vit_per_source": ["model.encoder=eva02_tiny_patch14_224", "model.side=56", "model.shared_blocks=4", "trainer.batch_size=2"],
+}
+
+
 # 3-7 s each on 2 idle cores; convnext_unet's config (ConvNeXt-S, 54 M parameters) about 11 s and
 # caformer_unet's (CAFormer-S18) the slowest of the rest: both run under make test-all, while their
 # models' shapes, heads and weight loading are checked at small width above.
 @pytest.mark.parametrize("name", ["inversionnet", "unet", pytest.param("hgnet_unet", marks=pytest.mark.slow), pytest.param("convnext_unet", marks=pytest.mark.slow),
-                                  pytest.param("caformer_unet", marks=pytest.mark.slow)])
+                                  pytest.param("caformer_unet", marks=pytest.mark.slow), "vit_tiled", "vit_per_source"])
 def test_config_trains_on_the_cpu(name, tmp_path, labelled_tree):
     cfg = load_config(ROOT / "configs" / "gwi" / f"{name}.yaml",
-                      [f"output_dir={tmp_path / 'run'}", f"data.roots=[{labelled_tree}]", *SMOKE_OVERRIDES])
+                      [f"output_dir={tmp_path / 'run'}", f"data.roots=[{labelled_tree}]", *SMOKE_OVERRIDES, *RECIPE_OVERRIDES.get(name, [])])
     assert cfg.task == "gwi" and cfg.model.name == name
     assert cfg.checkpoint.monitor == "val/mae_odd" and cfg.checkpoint.mode == "min"
     summary = train(cfg)
@@ -260,9 +275,26 @@ def test_config_trains_on_the_cpu(name, tmp_path, labelled_tree):
 
 
 def test_every_gwi_config_loads():
-    names = sorted(path.stem for path in (ROOT / "configs" / "gwi").glob("*.yaml"))
+    stems = sorted(path.stem for path in (ROOT / "configs" / "gwi").glob("*.yaml"))
+    names = [stem for stem in stems if "_stage" not in stem]
     assert names == sorted(MODEL_NAMES)
-    for name in names:
-        cfg = load_config(ROOT / "configs" / "gwi" / f"{name}.yaml")
-        assert cfg.model.name == name and cfg.data.flip and cfg.loss.name == "l1" and cfg.ema.enabled
+    for stem in stems:
+        cfg = load_config(ROOT / "configs" / "gwi" / f"{stem}.yaml")
+        assert cfg.model.name == stem.split("_stage")[0] and cfg.data.flip and cfg.loss.name == "l1" and cfg.ema.enabled
         assert cfg.trainer.mixed_precision == "bf16" and cfg.checkpoint.monitor == "val/mae_odd"
+
+
+def test_vit_tiled_stages_chain_at_growing_sides():
+    """1st place's stages, 350 -> 476 -> 588 -> 700: each starts from the previous stage's run and
+    changes only what a stage changes."""
+    stages = [load_config(ROOT / "configs" / "gwi" / name) for name in
+              ("vit_tiled.yaml", "vit_tiled_stage2.yaml", "vit_tiled_stage3.yaml", "vit_tiled_stage4.yaml")]
+    assert [cfg.model.side for cfg in stages] == [350, 476, 588, 700]
+    assert stages[0].init_from is None
+    stage_keys = {"output_dir", "init_from", "model.side", "trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size",
+                  "optim.lr", "sched.warmup_steps", "log.tags"}
+    for previous, stage in zip(stages, stages[1:]):
+        assert stage.init_from == previous.output_dir and stage.output_dir != previous.output_dir
+        assert stage.optim.lr < previous.optim.lr
+        before, after = flatten(previous.model_dump(mode="json")), flatten(stage.model_dump(mode="json"))
+        assert {key for key in after if after[key] != before[key]} <= stage_keys

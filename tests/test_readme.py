@@ -11,7 +11,7 @@ sys.path.insert(0, str(ROOT))
 
 from harness.cli import markdown_key_table  # noqa: E402
 
-HARNESS_SECTIONS = ("task", "seed", "output_dir", "resume", "resume_changes", "trainer", "optim", "sched", "ema", "checkpoint", "log")
+HARNESS_SECTIONS = ("task", "seed", "output_dir", "resume", "resume_changes", "init_from", "trainer", "optim", "sched", "ema", "checkpoint", "log")
 TABLES = {
     "harness": lambda: markdown_key_table("gwi", HARNESS_SECTIONS),
     "gwi": lambda: markdown_key_table("gwi", ("data", "model", "loss")),
