@@ -260,9 +260,13 @@ RECIPE_OVERRIDES = {
 
 # 3-7 s each on 2 idle cores; convnext_unet's config (ConvNeXt-S, 54 M parameters) about 11 s and
 # caformer_unet's (CAFormer-S18) the slowest of the rest: both run under make test-all, while their
-# models' shapes, heads and weight loading are checked at small width above.
+# models' shapes, heads and weight loading are checked at small width above. The ViT recipes train with
+# Muon, whose Newton-Schulz step timm computes in bfloat16, about 40x slower than float32 on this CPU
+# (37-39 s each): they run under make test-all too, while test_gwi_vit.py trains, resumes and predicts
+# vit_tiled with Muon and checks both layouts in the default run.
 @pytest.mark.parametrize("name", ["inversionnet", "unet", pytest.param("hgnet_unet", marks=pytest.mark.slow), pytest.param("convnext_unet", marks=pytest.mark.slow),
-                                  pytest.param("caformer_unet", marks=pytest.mark.slow), "vit_tiled", "vit_per_source"])
+                                  pytest.param("caformer_unet", marks=pytest.mark.slow), pytest.param("vit_tiled", marks=pytest.mark.slow),
+                                  pytest.param("vit_per_source", marks=pytest.mark.slow)])
 def test_config_trains_on_the_cpu(name, tmp_path, labelled_tree):
     cfg = load_config(ROOT / "configs" / "gwi" / f"{name}.yaml",
                       [f"output_dir={tmp_path / 'run'}", f"data.roots=[{labelled_tree}]", *SMOKE_OVERRIDES, *RECIPE_OVERRIDES.get(name, [])])
