@@ -31,6 +31,7 @@ def test_registry_builds_by_name_and_refuses_unknown_and_twice_registered_names(
 def test_both_tasks_register_their_models_in_that_registry():
     assert isinstance(cnn_models.MODELS, Registry) and isinstance(gwi_models.MODELS, Registry)
     assert cnn_models.known_models() == ["airbench", "mnist_tiny", "resnet9", "simplenet", "smoke_cnn"]
-    assert gwi_models.known_models() == ["caformer_unet", "convnext_unet", "hgnet_unet", "inversionnet", "unet"]
-    assert set(gwi_models.ENCODER_MODELS) == {"caformer_unet", "convnext_unet", "hgnet_unet", "unet"}
+    assert gwi_models.known_models() == ["caformer_unet", "convnext_unet", "hgnet_unet", "inversionnet", "unet", "vit_per_source",
+                                         "vit_tiled"]
+    assert set(gwi_models.ENCODER_MODELS) == {"caformer_unet", "convnext_unet", "hgnet_unet", "unet", "vit_per_source", "vit_tiled"}
     assert all(gwi_models.MODELS.get(name).model_name == name for name in gwi_models.known_models())

@@ -32,7 +32,7 @@ class ToyRegression(Task):
         dataset = TensorDataset(*toy_data())
         return dataset, dataset
 
-    def build_model(self, cfg):
+    def build_model(self, cfg, *, from_checkpoint=False):
         torch.manual_seed(1)
         return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1))
 
