@@ -24,8 +24,9 @@ Training sets: `MixedTrainingSet` holds parts one after another in index order (
 sampler shuffles across them); its samples are (seismic, velocity, family index, online flag), the
 seismic None for an online draw (`collate` leaves its rows empty; `OnlineSimulator` fills them). A
 part is a stored dataset giving (seismic, velocity, family index), such as `SeismicPairs`, or
-`OnlineDraws`; another source (pseudo-labels, say) joins as one more part with the share of the
-epoch `part_counts` gives it.
+`OnlineDraws`, with the share of the epoch `part_counts` gives it. Sets that wrap a training set
+(gwi.pseudo's pseudo-labels, gwi.physics_loss's unlabelled files) give their own samples the
+wrapped set's format (`sample_format`), so their stored rows stack with its rows in one batch.
 """
 from __future__ import annotations
 
@@ -73,6 +74,10 @@ def check_online(data) -> None:
     if data.source != "online" and data.online_nt != TIME_STEPS:
         raise ConfigError(f"key 'data.online_nt': online draws mixed with files must simulate the files' {TIME_STEPS} "
                           f"time samples, got {data.online_nt}")
+    if data.online_nt != TIME_STEPS and (data.pseudo_dir or data.unlabelled_roots):
+        key = "data.pseudo_dir" if data.pseudo_dir else "data.unlabelled_roots"
+        raise ConfigError(f"key 'data.online_nt': online draws mixed with the test files of {key} must simulate their "
+                          f"{TIME_STEPS} time samples, got {data.online_nt}")
 
 
 # ---- where maps come from ----------------------------------------------------------------------------
@@ -268,6 +273,15 @@ class MixedTrainingSet(Dataset):
         number = int(np.searchsorted(self.offsets, index, side="right")) - 1
         sample = self.parts[number][index - int(self.offsets[number])]
         return sample if len(sample) == 4 else (*sample, False)
+
+
+def sample_format(dataset: Dataset) -> tuple[torch.dtype, bool]:
+    """(seismic dtype, online flag) of a training set's samples, for a set that wraps it and serves
+    stored samples of its own among them: the dtype of a stored sample, or the simulator's float32
+    when the first sample is an online draw; whether samples carry the online flag (a
+    `MixedTrainingSet`'s do)."""
+    first = dataset[0]
+    return (torch.float32 if first[0] is None else first[0].dtype), len(first) == 4
 
 
 def collate(samples: list):

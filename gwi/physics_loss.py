@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gwi.layout import SEISMIC_SAMPLE_SHAPE, TIME_STEPS, VELOCITY_MAX, VELOCITY_MIN, VELOCITY_SAMPLE_SHAPE
+from gwi.online import sample_format
 from gwi.physics.acoustic import forward_model
 from gwi.physics.fwi import relative_misfit
 from gwi.submission import TestFiles
@@ -97,6 +98,9 @@ def check_physics_config(data, loss) -> None:
     if loss.physics_weight and data.source == "synthetic":
         raise ConfigError("key 'loss.physics_weight': data.source=synthetic's seismic is a cheap surrogate, not the "
                           "simulator's; use data.source=simulated or files")
+    if loss.physics_weight and data.source == "online" and data.online_nt < loss.physics_time_steps:
+        raise ConfigError(f"key 'loss.physics_time_steps': {loss.physics_time_steps} time samples compared, but the online "
+                          f"draws simulate data.online_nt={data.online_nt}")
 
 
 class UnlabelledFiles(Dataset):
@@ -123,12 +127,12 @@ class UnlabelledFiles(Dataset):
 
 
 class WithUnlabelled(Dataset):
-    """A training set followed by unlabelled samples, whose seismic takes the training set's dtype
-    (a batch stacks one dtype); `set_epoch` reaches the training set."""
+    """A training set followed by unlabelled samples in its sample format (gwi.online.sample_format:
+    a batch stacks one dtype and one tuple length); `set_epoch` reaches the training set."""
 
     def __init__(self, labelled: Dataset, unlabelled: UnlabelledFiles):
         self.labelled, self.unlabelled = labelled, unlabelled
-        self.dtype = labelled[0][0].dtype
+        self.dtype, self.online_flag = sample_format(labelled)
 
     def set_epoch(self, epoch: int) -> None:
         self.labelled.set_epoch(epoch)
@@ -140,4 +144,4 @@ class WithUnlabelled(Dataset):
         if index < len(self.labelled):
             return self.labelled[index]
         seismic, velocity, family = self.unlabelled[index - len(self.labelled)]
-        return seismic.to(self.dtype), velocity, family
+        return (seismic.to(self.dtype), velocity, family) + ((False,) if self.online_flag else ())

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from gwi.data import SeismicPairs
 from gwi.layout import MANIFEST, VELOCITY_MAX, VELOCITY_MIN, find_pairs, npy_writer, read_manifest
+from gwi.online import sample_format
 from gwi.physics.acoustic import forward_model
 from gwi.physics.fwi import refine, relative_misfit
 from gwi.physics.synth import PER_FILE
@@ -151,7 +152,7 @@ class PseudoMix(Dataset):
     def __init__(self, base, fraction: float, seed: int):
         self.base, self.fraction, self.seed, self.epoch = base, fraction, seed, 0
         self.pseudo: SeismicPairs | None = None
-        self.dtype = base[0][0].dtype  # a batch stacks one dtype
+        self.dtype, self.online_flag = sample_format(base)  # a batch stacks one dtype and one tuple length
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -172,7 +173,7 @@ class PseudoMix(Dataset):
             rng = np.random.default_rng([self.seed % 2**64, self.epoch, index, _MIX_STREAM])
             if rng.random() < self.fraction:
                 seismic, velocity, _ = self.pseudo[int(rng.integers(len(self.pseudo)))]
-                return seismic.to(self.dtype), velocity, PSEUDO_FAMILY_INDEX
+                return (seismic.to(self.dtype), velocity, PSEUDO_FAMILY_INDEX) + ((False,) if self.online_flag else ())
         return self.base[index]
 
 

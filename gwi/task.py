@@ -221,9 +221,6 @@ class GwiTask(Task):
 
     def build_datasets(self, cfg) -> tuple[SeismicPairs, SeismicPairs]:
         check_physics_config(cfg.data, cfg.loss)
-        if online.uses_online(cfg.data) and (cfg.data.pseudo_dir or cfg.data.unlabelled_roots):
-            raise ConfigError("key 'data.pseudo_dir' / 'data.unlabelled_roots': not combined with online data "
-                              "(data.source=online, data.online_fraction) yet")
         if online.uses_online(cfg.data):
             train, val = online.build_datasets(cfg.data, cfg.seed)
             self.simulator = online.OnlineSimulator(cfg.data.online_nt)

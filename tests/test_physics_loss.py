@@ -86,9 +86,9 @@ def test_physics_config_mistakes_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=f"key 'data.unlabelled_roots': '{tmp_path / 'nothing'}' is not a folder of <id>.npy"):
         GwiTask(cfg := load_config(SMOKE_GWI, ["data.source=files", f"data.roots=[{tree}]", "loss.physics_weight=1",
                                                f"data.unlabelled_roots=[{tmp_path / 'nothing'}]"])).build_datasets(cfg)
-    with pytest.raises(ConfigError, match="key 'data.pseudo_dir' / 'data.unlabelled_roots': not combined with online data"):
-        GwiTask(cfg := load_config(SMOKE_GWI, ["data.source=online", "loss.physics_weight=1",
-                                               f"data.unlabelled_roots=[{tmp_path}]"])).build_datasets(cfg)
+    with pytest.raises(ConfigError, match="key 'loss.physics_time_steps': 1000 time samples compared, but the online draws "
+                                          "simulate data.online_nt=100"):
+        GwiTask(cfg := load_config(SMOKE_GWI, ["data.source=online", "loss.physics_weight=1", "data.online_nt=100"])).build_datasets(cfg)
 
 
 def test_training_with_unlabelled_test_files_logs_the_physics_misfit(tmp_path):

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SMOKE_GWI
+from conftest import SMOKE_GWI, read_metrics
+from gwi import online as online_sim
 from gwi.layout import MANIFEST, find_pairs
 from gwi.physics.acoustic import forward_model
 from gwi.physics.fwi import seismic_misfit
@@ -23,6 +24,7 @@ from gwi.task import GwiTask
 from gwi_files import write_tree
 from harness import checkpoint as ckpt
 from harness.config import load_config
+from harness.errors import ConfigError
 from harness.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -160,3 +162,77 @@ def test_pseudo_mix_replaces_a_fraction_of_samples_by_seed_epoch_and_index():
         other = PseudoMix(pairs(2000, 200), fraction=fraction, seed=0)
         other.use(pairs(4000, 5))
         assert sum(replaced(other)) == expected
+
+
+# ---- with online draws ------------------------------------------------------------------------------------
+
+# 4 draws an epoch plus the 3 unlabelled test files, in full batches of 2: 3 updates an epoch; a round at
+# the start of epoch 1; the physics term on one sample of every update (its first 10 time samples).
+ONLINE_WITH_TEST = ["data.source=online", "data.num_train=4", "data.num_val=2", "data.families=[FlatVel_A]",
+                    "data.time_steps=64", "trainer.batch_size=2", "trainer.epochs=2", "sched.name=constant",
+                    "trainer.deterministic=true", "log.wandb=disabled", "log.plot=false", "log.progress=none",
+                    "log.every_steps=1", "data.pseudo_every_epochs=1", "data.pseudo_fraction=0.5", "loss.physics_weight=0.1",
+                    "loss.physics_batch_size=1", "loss.physics_time_steps=10"]
+
+
+def online_with_test(test, run_dir) -> list[str]:
+    return [*ONLINE_WITH_TEST, f"data.pseudo_dir={test}", f"data.unlabelled_roots=[{test}]", f"output_dir={run_dir}"]
+
+
+def test_pseudo_labels_and_unlabelled_files_mix_with_online_draws(setup, tmp_path):
+    _, _, test = setup
+    cfg = load_config(SMOKE_GWI, online_with_test(test, tmp_path / "run"))
+    train_set, _ = GwiTask(cfg).build_datasets(cfg)
+    assert len(train_set) == 4 + 3
+    train_set.use(SeismicPairs([ArrayPair("X", np.ones((1, 5, 1000, 70), np.float16), np.full((1, 1, 70, 70), 4000, np.float32))], ["X"]))
+    samples = [train_set[i] for i in range(len(train_set))]
+    assert all(len(s) == 4 for s in samples)  # every sample carries the online flag: one batch format
+    draw = next(s for s in samples if s[3])
+    pseudo = next(s for s in samples if s[2] == PSEUDO_FAMILY_INDEX and not torch.isnan(s[1]).any())
+    unlabelled = train_set.base[6]  # the wrapped set: the draws, then the test files
+    assert len(unlabelled) == 4 and torch.isnan(unlabelled[1]).all()
+    assert pseudo[0].dtype == unlabelled[0].dtype == torch.float32  # the simulator's dtype: draws come first
+    seismic, velocity, family, online = online_sim.collate([draw, pseudo, unlabelled])
+    assert online.tolist() == [True, False, False]
+    seismic = online_sim.OnlineSimulator(1000)((seismic, velocity, family, online), torch.device("cpu"))[0]
+    assert torch.equal(seismic[0], forward_model(draw[1][None])[0])
+    assert torch.equal(seismic[1], torch.ones(5, 1000, 70)) and torch.equal(seismic[2], unlabelled[0])
+
+    summary = train(cfg)
+    assert summary["stopped"] == "finished" and summary["step"] == 6
+    manifest = json.loads((tmp_path / "run" / "pseudo" / "epoch0001" / MANIFEST).read_text())
+    assert manifest["files"] == 3
+    rows = read_metrics(tmp_path / "run")
+    assert len([r for r in rows if "train/physics_misfit" in r]) == 6
+    assert all(0 < r["train/simulation_share"] < 1 for r in rows if "train/simulation_share" in r)
+
+
+def test_mixing_with_online_draws_needs_their_full_record(setup, tmp_path):
+    _, _, test = setup
+    cfg = load_config(SMOKE_GWI, [*online_with_test(test, tmp_path), "data.online_nt=100"])
+    with pytest.raises(ConfigError, match="key 'data.online_nt': online draws mixed with the test files of data.pseudo_dir "
+                                          "must simulate their 1000 time samples, got 100"):
+        GwiTask(cfg).build_datasets(cfg)
+
+
+@pytest.mark.slow
+def test_online_draws_with_pseudo_labels_resume_exactly(setup, tmp_path, monkeypatch):
+    _, _, test = setup
+    straight = train(load_config(SMOKE_GWI, online_with_test(test, tmp_path / "straight")))
+    assert straight["step"] == 6
+    original = GwiTask.after_update
+
+    def stop_after_update_5(self, model, step):  # mid-epoch 1, after its round
+        if step == 4:
+            signal.raise_signal(signal.SIGTERM)  # the loop's handler: it stops after the next update
+        return original(self, model, step)
+
+    interrupted = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        patch.setattr(GwiTask, "after_update", stop_after_update_5)
+        assert train(load_config(SMOKE_GWI, online_with_test(test, interrupted)))["stopped"] == "SIGTERM"
+    assert ckpt.read_meta(interrupted / "checkpoints" / "last")["step"] == 5
+    assert train(load_config(SMOKE_GWI, online_with_test(test, interrupted)))["step"] == 6
+    for name in ("model.safetensors", "weights.safetensors"):
+        a, b = (load_file(str(d / "checkpoints" / "last" / name)) for d in (tmp_path / "straight", interrupted))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
