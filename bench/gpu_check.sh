@@ -12,7 +12,10 @@
 #   3. generation: python -m gwi.physics.synth on the GPU, 2,048 CurveVel_A samples (files written);
 #   4. refinement: infer.py --refine-steps 20 against --refine-steps 0 on 16 simulated maps with a
 #      one-epoch smoke model: seconds per map and step;
-#   5. each configs/gwi/*.yaml and configs/cnn/cifar10_*.yaml recipe at its batch size on generated
+#   5. online data: the hgnet_unet and vit_tiled recipes trained on draws simulated on the GPU for
+#      ONLINE_STEPS (100) updates: samples/s and the share of the wall time spent simulating
+#      (bench/recipe_throughput.py --online);
+#   6. each configs/gwi/*.yaml and configs/cnn/cifar10_*.yaml recipe at its batch size on generated
 #      data for RECIPE_STEPS (200) updates: samples/s and peak memory (bench/recipe_throughput.py).
 # A summary of the figures closes the file.
 set -u -o pipefail
@@ -22,6 +25,7 @@ OUT=${1:-gpu_check.txt}
 PY=${PYTHON:-python}
 BUDGET_S=${BUDGET_S:-540}
 RECIPE_STEPS=${RECIPE_STEPS:-200}
+ONLINE_STEPS=${ONLINE_STEPS:-100}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 START_NS=$(date +%s%N)
@@ -83,7 +87,12 @@ if run "smoke model" 120 "$PY" train.py configs/smoke/gwi.yaml "output_dir=$WORK
     fi
 fi
 
-# 5. the training recipes at their batch sizes.
+# 5. does the simulator keep up with training? (issue: online data on a GPU must not be the bottleneck)
+for config in configs/gwi/hgnet_unet.yaml configs/gwi/vit_tiled.yaml; do
+    run "online $config" 150 "$PY" bench/recipe_throughput.py "$config" --online --steps "$ONLINE_STEPS"
+done
+
+# 6. the training recipes at their batch sizes.
 for config in configs/gwi/*.yaml configs/cnn/cifar10_*.yaml; do
     run "recipe $config" 120 "$PY" bench/recipe_throughput.py "$config" --steps "$RECIPE_STEPS"
 done
