@@ -20,6 +20,7 @@ from harness.config import BaseRunConfig, apply_overrides, validate
 from harness.errors import ConfigError, UserError
 from harness.folds import CV_FILE, fold_run_dirs
 from harness.loop import evaluate
+from harness.rundir import saved_config
 from harness.task import Task, get_task
 
 
@@ -38,7 +39,7 @@ class Ensemble(nn.Module):
 
 
 def checkpoint_config(path: str | os.PathLike, overrides: list[str] = ()) -> BaseRunConfig:
-    return validate(apply_overrides(ckpt.read_meta(ckpt.resolve(path))["config"], overrides))
+    return validate(apply_overrides(saved_config(ckpt.read_meta(ckpt.resolve(path))["config"]), overrides))
 
 
 def expand_folds(paths: list[str]) -> list[str]:

@@ -56,6 +56,20 @@ PRE_FACTORY_DEFAULTS = {"optim.betas": [0.9, 0.999], "optim.nesterov": True}
 PRE_KFOLD_DEFAULTS = {"data.fold": 0}
 
 
+def saved_config(config: dict) -> dict:
+    """A config as a checkpoint's meta.json holds it, in this schema's terms: a gwi run saved before
+    the k-fold release (its schema had no optim.layer_decay) that wrote data.fold 0 meant null
+    (PRE_KFOLD_DEFAULTS). Resume and inference both read saved configs through this."""
+    if "layer_decay" in config.get("optim", {}) or config.get("task") != "gwi":
+        return config
+    data = dict(config.get("data", {}))
+    for key, value in PRE_KFOLD_DEFAULTS.items():
+        name = key.removeprefix("data.")
+        if data.get(name) == value:
+            data[name] = None
+    return {**config, "data": data}
+
+
 def check_output_dir(output_dir: str) -> Path:
     """`output_dir` as a folder this run can write, created if needed; else a one-line error."""
     path = Path(output_dir)
@@ -173,11 +187,9 @@ def config_changes(old: dict, new: dict, defaults: dict) -> dict[str, tuple]:
     """Dotted key -> (old value, new value) for every key that differs between two configs. A key the
     old config lacks (added to the schema since) counts only when it is not at its default; a key the
     new schema lacks no longer matters."""
-    old, new = flatten(old), flatten(new)
+    old, new = flatten(saved_config(old)), flatten(new)
     if "optim.layer_decay" not in old and old.get("optim.name") in ("adamw", "sgd"):
         old |= {key: None for key, value in PRE_FACTORY_DEFAULTS.items() if old.get(key) == value and new.get(key) is None}
-    if "optim.layer_decay" not in old and old.get("task") == "gwi":
-        old |= {key: None for key, value in PRE_KFOLD_DEFAULTS.items() if old.get(key) == value and new.get(key) is None}
     changes = {}
     for key in new:
         before = old.get(key, _MISSING)

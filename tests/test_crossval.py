@@ -25,8 +25,8 @@ from harness.config import load_config, to_plain_dict
 from harness.crossval import fold_config, train
 from harness.errors import ConfigError
 from harness.folds import NEVER_HELD_OUT, assign_folds, fold_indices
-from harness.inference import load_ensemble
-from harness.rundir import config_changes, flatten
+from harness.inference import checkpoint_config, load_ensemble
+from harness.rundir import config_changes, flatten, saved_config
 from harness.task import get_task
 from image_files import write_folder, write_sample_submission, write_test_folder
 
@@ -268,7 +268,7 @@ def test_a_folder_of_images_runs_its_folds_and_submits_the_fold_ensemble(tmp_pat
     np.testing.assert_allclose(answers[0], np.mean(answers[1:], axis=0), atol=2e-5)
 
 
-def test_a_gwi_run_saved_before_kfold_resumes_without_a_change():
+def test_a_gwi_run_saved_before_kfold_resumes_without_a_change(tmp_path):
     """Such a run wrote data.fold 0, which meant what null means now; a run of this release that
     wrote 0 (k-fold part 0) against null is a real change."""
     saved = to_plain_dict(load_config(SMOKE_GWI))
@@ -277,6 +277,10 @@ def test_a_gwi_run_saved_before_kfold_resumes_without_a_change():
     defaults = flatten(to_plain_dict(load_config()))
     now = to_plain_dict(load_config(SMOKE_GWI))
     assert config_changes(saved, now, defaults) == {}
-    assert config_changes(saved, to_plain_dict(load_config(SMOKE_GWI, ["data.fold=1"])), defaults) == {"data.fold": (0, 1)}
+    assert config_changes(saved, to_plain_dict(load_config(SMOKE_GWI, ["data.fold=1"])), defaults) == {"data.fold": (None, 1)}
+    assert config_changes(saved, to_plain_dict(load_config(SMOKE_GWI, ["data.fold=0"])), defaults) == {"data.fold": (None, 0)}
+    assert saved_config(saved)["data"]["fold"] is None and saved["data"]["fold"] == 0  # a copy
+    (tmp_path / ckpt.META).write_text(json.dumps({"config": saved, "files": {}}))
+    assert checkpoint_config(tmp_path).data.fold is None  # infer.py validates where that run did
     since = to_plain_dict(load_config(SMOKE_GWI, ["data.fold=0"]))
     assert config_changes(since, now, defaults) == {"data.fold": (0, None)}
