@@ -1,7 +1,7 @@
 """Predict with trained checkpoints.
 
     python infer.py --checkpoint RUN_DIR_OR_CHECKPOINT [--checkpoint ...] [--data DIR --out FILE]
-                    [--tta flip|hflip] [--batch-size N] [--num-workers W] [--save-predictions FILE]
+                    [--tta flip|hflip|scale|flip+scale] [--batch-size N] [--num-workers W] [--save-predictions FILE]
                     [--sample-submission FILE] [--probabilities]
                     [--physics-misfit] [--refine-steps N [--refine-tv LAMBDA] [--refine-lr LR]]
                     [--physics-batch-size N] [--physics-csv FILE] [key=value ...]
@@ -70,8 +70,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", action="append", required=True, help="run directory or checkpoint directory; repeat to ensemble")
     parser.add_argument("--data", help="folder to predict for (task-specific)")
     parser.add_argument("--out", help="output file for --data (gwi: submission.csv)")
-    parser.add_argument("--tta", choices=["none", "flip", "hflip"], default="none",
-                        help="gwi flip / cnn hflip: average with the mirrored sample's prediction")
+    parser.add_argument("--tta", choices=["none", "flip", "hflip", "scale", "flip+scale"], default="none",
+                        help="gwi flip / cnn hflip: average with the mirrored sample's prediction; gwi scale: the median of the "
+                             "predictions from the seismic made that of a few scaled velocities, each divided by its factor "
+                             "(gwi/scaling.py); flip+scale: both")
     parser.add_argument("--batch-size", type=number(int, 1), default=None)
     parser.add_argument("--num-workers", type=number(int, 0), default=None, help=f"DataLoader workers reading --data (default {NUM_WORKERS})")
     parser.add_argument("--save-predictions", help="labelled --data: also save the predictions (.npy; cnn also .csv); refused for a test folder")

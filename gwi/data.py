@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from gwi import synthetic
 from gwi.layout import EXACT_FLIP_SOURCE_X, FIVE_OF_SIX, MAP_SIZE, SOURCE_X, TIME_STEPS, FilePair, find_pairs, split_pairs
+from gwi.scaling import scale_decision, scale_map, scaled_record
 from gwi.simulated import simulated_data
 from harness.errors import ConfigError, UserError
 from harness.folds import FoldSamples, fold_indices
@@ -134,17 +135,20 @@ class SeismicPairs(Dataset):
     """(seismic, velocity, family index) samples over pairs of arrays: memory maps of files, opened
     lazily in each process (so DataLoader workers each map the files themselves and RAM stays
     bounded whatever the data size), or in-memory arrays. Seismic keeps its stored dtype; velocity
-    is float32. With `flip`, a sample is mirrored according to `flip_decision(seed, epoch, index)`.
+    is float32. With `flip`, a sample is mirrored according to `flip_decision(seed, epoch, index)`;
+    with `scale` ([lo, hi], data.scale_augment) its map is multiplied by `gwi.scaling.scale_decision`'s
+    factor a and its seismic made that map's (`gwi.scaling.scaled_record`, approximate).
     `indices`: serve only these samples of the pairs (in this order), e.g. one k-fold part."""
 
-    def __init__(self, pairs: list, families: list[str], flip: bool = False, seed: int = 0, indices=None):
+    def __init__(self, pairs: list, families: list[str], flip: bool = False, seed: int = 0, indices=None,
+                 scale: tuple[float, float] | None = None):
         if not pairs:
             raise UserError("no samples: the data selection is empty")
         self.pairs, self.families = pairs, families
         self.offsets = np.cumsum([0] + [p.samples for p in pairs])
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
         self.family_index = [families.index(p.family) for p in pairs]
-        self.flip, self.seed, self.epoch = flip, seed, 0
+        self.flip, self.seed, self.epoch, self.scale = flip, seed, 0, scale
         self._opened: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __getstate__(self):  # memory maps are re-opened in each worker, never pickled
@@ -175,9 +179,11 @@ class SeismicPairs(Dataset):
                 raise UserError(f"{source}: sample {row} contains NaN or inf values")
         if self.flip and flip_decision(self.seed, self.epoch, index):
             seismic, velocity = mirror(seismic, velocity)
-        seismic = openfwi_sources(seismic)
-        return (torch.from_numpy(np.ascontiguousarray(seismic)), torch.from_numpy(np.ascontiguousarray(velocity)),
-                self.family_index[pair])
+        seismic = torch.from_numpy(np.ascontiguousarray(openfwi_sources(seismic)))
+        if self.scale is not None:
+            a = scale_decision(self.seed, self.epoch, index, self.scale, velocity)
+            seismic, velocity = scaled_record(seismic, a), scale_map(velocity, a)
+        return seismic, torch.from_numpy(np.ascontiguousarray(velocity)), self.family_index[pair]
 
 
 def synthetic_samples(num: int, seed: list[int], time_steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -280,7 +286,7 @@ def build_datasets(data, seed: int) -> tuple[SeismicPairs, SeismicPairs]:
         raise ValueError(f"unknown gwi data source {data.source!r}; known: synthetic, simulated, files")
     families = family_names(train + val)
     if data.fold is None or data.source == "files":
-        return SeismicPairs(train, families, flip=data.flip, seed=seed), SeismicPairs(val, families)
+        return SeismicPairs(train, families, flip=data.flip, seed=seed, scale=data.scale_augment), SeismicPairs(val, families)
     train_index, val_index = fold_indices(fold_samples(data), data.folds, data.fold, data.split_seed)
-    return (SeismicPairs(train, families, flip=data.flip, seed=seed, indices=train_index),
+    return (SeismicPairs(train, families, flip=data.flip, seed=seed, indices=train_index, scale=data.scale_augment),
             SeismicPairs(train, families, indices=val_index))

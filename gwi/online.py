@@ -5,7 +5,7 @@ device, and the mixing of training sets that makes room for it.
 A draw is a velocity map and nothing else. `OnlineDraws` makes sample i of epoch e from one numpy
 Generator seeded with (synth_seed, e, i) alone: a family (uniform over the online families), a map
 of it (a generator of gwi.physics.velocity, or one of the maps of data.velocity_roots), the
-augmentations of data.online_augment and data.flip's mirror. DataLoader workers, the batch size, the
+augmentations of data.online_augment, data.flip's mirror and data.scale_augment's factor. DataLoader workers, the batch size, the
 number of processes (each rank gets its own indices from the sampler, so its own draws) and a resume
 therefore never change a draw. The task's `prepare_batch` (`OnlineSimulator`) simulates the drawn
 maps of each training batch on the training device, without gradients, before the model sees it:
@@ -44,6 +44,7 @@ from gwi.data import ArrayPair, SeismicPairs, family_names, source_pairs
 from gwi.layout import MAP_SIZE, TIME_STEPS, VELOCITY_SAMPLE_SHAPE, check_velocity_range, find_pairs
 from gwi.physics.acoustic import forward_model
 from gwi.physics.velocity import blend, crop_resize, generate, random_affine
+from gwi.scaling import scale_factor, scale_map
 from harness.errors import ConfigError, UserError
 
 # Seed streams of the draws: training draw i of epoch e is seeded (TRAIN_STREAM, synth_seed, e, i),
@@ -188,8 +189,10 @@ class OnlineDraws(Dataset):
     """`count` velocity draws per epoch; draw i of epoch e is a function of (seed, e, i) only (see
     the module docstring). Items: (None, velocity (1, 70, 70) float32, family index, True)."""
 
-    def __init__(self, sources: list, count: int, families: list[str], seed: int, augment: list[str], flip: bool):
+    def __init__(self, sources: list, count: int, families: list[str], seed: int, augment: list[str], flip: bool,
+                 scale: tuple[float, float] | None = None):
         self.sources, self.count, self.seed, self.augment, self.flip = sources, count, seed, list(augment), flip
+        self.scale = scale  # data.scale_augment: the map times a, before it is simulated (exact)
         self.family_index = [families.index(s.name) if s.name in families else NOT_VALIDATED for s in sources]
         self.epoch = 0
 
@@ -216,6 +219,8 @@ class OnlineDraws(Dataset):
                 velocity = blend(velocity[None], other[None], rng)[0]
         if self.flip and rng.random() < 0.5:
             velocity = velocity[:, :, ::-1]
+        if self.scale is not None:
+            velocity = scale_map(velocity, scale_factor(rng, self.scale, velocity))
         return np.ascontiguousarray(velocity, dtype=np.float32), number
 
     def __getitem__(self, index: int):
@@ -374,8 +379,8 @@ def build_datasets(data, seed: int) -> tuple[MixedTrainingSet, SeismicPairs]:
     else:
         train_pairs, val_pairs = source_pairs(data)
         families = family_names(train_pairs + val_pairs)
-        parts = [SeismicPairs(train_pairs, families, flip=data.flip, seed=seed)]
+        parts = [SeismicPairs(train_pairs, families, flip=data.flip, seed=seed, scale=data.scale_augment)]
         val = SeismicPairs(val_pairs, families)
         (draws,) = part_counts(len(parts[0]), [data.online_fraction])
-    parts.append(OnlineDraws(sources, draws, families, data.synth_seed, data.online_augment, data.flip))
+    parts.append(OnlineDraws(sources, draws, families, data.synth_seed, data.online_augment, data.flip, data.scale_augment))
     return MixedTrainingSet(parts), val

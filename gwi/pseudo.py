@@ -5,7 +5,7 @@ those whose physics misfit ||F(v) - d|| / ||d|| is at most --max-misfit, and wri
 map's error, and the set is a training root like any other.
 
     python -m gwi.pseudo --checkpoint RUN --data TEST_DIR --out DIR [--refine-steps N] [--max-misfit M]
-                         [--tta flip] [--batch-size B] [--num-workers W]
+                         [--tta flip|scale|flip+scale] [--batch-size B] [--num-workers W]
 
 DIR holds `pseudo/data/dataK.npy` ((n, 5, 1000, 70) float16 seismic, as gwi.convert writes) and
 `pseudo/model/modelK.npy` ((n, 1, 70, 70) float32), up to 500 samples a file, and `manifest.json`
@@ -40,6 +40,7 @@ from gwi.online import sample_format
 from gwi.physics.acoustic import forward_model
 from gwi.physics.fwi import refine, relative_misfit
 from gwi.physics.synth import PER_FILE
+from gwi.scaling import TTA_MODES
 from gwi.submission import REFINE_BATCH_CPU, REFINE_BATCH_CUDA, PhysicsOptions, TestFiles
 from harness.errors import ArgumentParser, ConfigError, UserError, number, print_user_error
 from harness.files import write_text_atomic
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refine-lr", type=number(float, 0, strict=True), default=None, metavar="LR", help="FWI's Adam step (default 0.005)")
     parser.add_argument("--max-misfit", type=number(float, 0), default=None, metavar="M",
                         help="keep the maps whose misfit ||F(v) - d|| / ||d|| is at most M (default: all)")
-    parser.add_argument("--tta", choices=["none", "flip"], default="none")
+    parser.add_argument("--tta", choices=TTA_MODES, default="none", help="as infer.py's")
     parser.add_argument("--batch-size", type=number(int, 1), default=8)
     parser.add_argument("--num-workers", type=number(int, 0), default=2)
     parser.add_argument("overrides", nargs="*", help="key=value changes to the checkpoint's config")

@@ -230,6 +230,10 @@ CASES = [
          "key 'data': data.fold splits a fixed training set and online draws are new every epoch", 2),
     Case("data.fold=all with resume=PATH", f"train.py {SMOKE} data.fold=all resume={{tmp}} {QUIET} output_dir={{tmp}}/out",
          "key 'resume': '{tmp}' names one checkpoint; data.fold=all resumes each fold from its own fold_<k>", 2),
+    Case("a data.scale_augment range without 1", f"train.py {SMOKE} data.source=simulated data.scale_augment=[1.1,1.2]",
+         "key 'data.scale_augment': [1.1, 1.2] leaves no factor for a map spanning 1500-4500 m/s", 2),
+    Case("a data.scale_augment range with lo > hi", f"train.py {SMOKE} data.source=simulated data.scale_augment=[1.2,0.8]",
+         "key 'data.scale_augment': [1.2, 0.8] has lo > hi", 2),
     # train.py: training data
     Case("data.source=files without data.roots", f"train.py {SMOKE} data.source=files {QUIET} output_dir={{tmp}}/out",
          "key 'data.roots': data.source=files needs at least one folder of training data", 2),
