@@ -1,6 +1,6 @@
 """Velocity / time scaling (gwi/scaling.py): data.scale_augment on stored pairs and online draws, the
 record of a v made from the record of v, and the "scale" TTA. Tiny arrays, one short simulation, and
-three tiny training runs (a stop and resume)."""
+three tiny training runs (a stop and resume), and infer.py on the session's smoke run."""
 from __future__ import annotations
 
 import signal
@@ -10,15 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import infer_here
 from gwi import online
 from gwi.data import ArrayPair, SeismicPairs
 from gwi.layout import VELOCITY_MAX, VELOCITY_MIN
 from gwi.physics.acoustic import forward_model
 from gwi.scaling import SCALE_TTA, WAVELET_PEAK_MS, rescale_time, scale_decision, scaled_record
 from gwi.task import GwiTask
-from gwi_files import write_tree
+from gwi_files import write_test_dir, write_tree
 from harness.config import load_config
 from harness.errors import ConfigError
+from harness.inference import load_ensemble
 from harness.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -201,3 +203,20 @@ def test_a_scale_augmented_run_stopped_and_resumed_is_the_straight_run(tmp_path,
     train(cfg("plain"))  # the key changes what is trained on
     plain = weights("plain")
     assert not all(torch.equal(straight[k], plain[k]) for k in straight)
+
+
+def test_infer_writes_the_scale_tta_submission(tmp_path, gwi_smoke_run, capsys):
+    ids = ["a0", "b1"]
+    test_dir = write_test_dir(tmp_path / "test", ids)
+    for tta in ("scale", "flip+scale"):
+        out = tmp_path / f"{tta}.csv"
+        result = infer_here(capsys, "--checkpoint", gwi_smoke_run, "--data", test_dir, "--out", out, "--tta", tta,
+                            "--num-workers", "0")
+        assert result.returncode == 0, result.stderr
+        submitted = np.array([line.split(",")[1:] for line in out.read_text().splitlines()[1:]], np.float64).reshape(2, 70, 35)
+        task, _, model = load_ensemble([str(gwi_smoke_run)])
+        seismic = torch.stack([torch.from_numpy(np.load(test_dir / f"{i}.npy")) for i in ids])
+        task.tta = tta
+        with torch.no_grad():
+            expected = task.predict(model.eval(), (seismic,))[:, 0, :, 1::2].clamp(1500, 4500).numpy()
+        np.testing.assert_allclose(submitted, expected, atol=0.051)  # written to 0.1 m/s
