@@ -5,9 +5,10 @@ device, and the mixing of training sets that makes room for it.
 A draw is a velocity map and nothing else. `OnlineDraws` makes sample i of epoch e from one numpy
 Generator seeded with (synth_seed, e, i) alone: a family (uniform over the online families), a map
 of it (a generator of gwi.physics.velocity, or one of the maps of data.velocity_roots), the
-augmentations of data.online_augment, data.flip's mirror and data.scale_augment's factor. DataLoader workers, the batch size, the
-number of processes (each rank gets its own indices from the sampler, so its own draws) and a resume
-therefore never change a draw. The task's `prepare_batch` (`OnlineSimulator`) simulates the drawn
+augmentations of data.online_augment, data.flip's mirror and data.scale_augment's factor (the map
+times a, exact: it is simulated afterwards). DataLoader workers, the batch size, the number of
+processes (each rank gets its own indices from the sampler, so its own draws) and a resume therefore
+never change a draw. The task's `prepare_batch` (`OnlineSimulator`) simulates the drawn
 maps of each training batch on the training device, without gradients, before the model sees it:
 the CPU simulator gives the same bits for a map in any batch, so the same draw always yields the
 same seismic, and a run stopped and resumed ends with the weights of a straight run. The flip is
