@@ -1,7 +1,9 @@
-"""Inference speed with and without flip test-time augmentation (TTA doubles the forward passes:
-the sample and its mirror image). Times the gwi task's `predict` on random raw seismic batches with
-the model a config names (default configs/smoke/gwi.yaml's), alternating the two, median of runs.
-The last line is `tta_cost=<seconds with flip TTA / seconds without>`.
+"""Inference speed with and without test-time augmentation: flip (doubles the forward passes: the
+sample and its mirror image), scale (the records of 3 velocity scalings, gwi/scaling.py: 3 forward
+passes and the records' shaping) and flip+scale (6). Times the gwi task's `predict` on random raw
+seismic batches with the model a config names (default configs/smoke/gwi.yaml's), alternating the
+modes, median of runs; each mode's cost against none is printed. The last line is
+`tta_cost=<seconds with flip TTA / seconds without>`.
 
     python bench/gwi_tta.py [--config configs/smoke/gwi.yaml] [--batches 10] [--batch-size 8]
 """
@@ -34,10 +36,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = task.build_model(cfg).to(device).eval()
     batches = [3 * torch.randn(args.batch_size, 5, 1000, 70, device=device) for _ in range(args.batches)]
-    seconds = {"none": [], "flip": []}
+    seconds = {tta: [] for tta in task.tta_modes}
     with torch.no_grad():
         for repeat in range(args.repeats + 1):  # the first round warms up and is not counted
-            for tta in ("none", "flip"):
+            for tta in task.tta_modes:
                 task.tta = tta
                 start = time.perf_counter()
                 for batch in batches:
@@ -48,7 +50,8 @@ def main() -> None:
                     seconds[tta].append(time.perf_counter() - start)
     samples = args.batches * args.batch_size
     for tta, values in seconds.items():
-        print(f"tta={tta:5s} {samples / statistics.median(values):8.1f} samples/s on {device} ({cfg.model.name}, batch {args.batch_size})")
+        print(f"tta={tta:10s} {samples / statistics.median(values):8.1f} samples/s on {device} ({cfg.model.name}, batch "
+              f"{args.batch_size}), cost {statistics.median(values) / statistics.median(seconds['none']):.2f}")
     print(f"tta_cost={statistics.median(seconds['flip']) / statistics.median(seconds['none']):.2f}")
 
 
