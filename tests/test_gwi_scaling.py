@@ -220,3 +220,20 @@ def test_infer_writes_the_scale_tta_submission(tmp_path, gwi_smoke_run, capsys):
         with torch.no_grad():
             expected = task.predict(model.eval(), (seismic,))[:, 0, :, 1::2].clamp(1500, 4500).numpy()
         np.testing.assert_allclose(submitted, expected, atol=0.051)  # written to 0.1 m/s
+
+
+@pytest.mark.gpu
+def test_scaled_records_and_the_scale_tta_on_cuda_match_the_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    seismic = torch.from_numpy(np.random.default_rng(2).normal(0, 1, (3, 5, 1000, 70)).astype(np.float32))
+    for a in SCALE_TTA:
+        cpu, gpu = scaled_record(seismic, a), scaled_record(seismic.cuda(), a)
+        assert gpu.device.type == "cuda"
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-4 * float(cpu.abs().max()))
+    task = GwiTask(load_config(SMOKE_GWI, ["data.source=simulated"]))
+    model = task.build_model(task.cfg).eval()
+    task.tta = "scale"
+    with torch.no_grad():
+        cpu, gpu = task.predict(model, (seismic,)), task.predict(model.cuda(), (seismic.cuda(),))
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=0.5)  # m/s
