@@ -14,8 +14,9 @@ DIR appears complete or not at all: it is written under a temporary name and ren
 
 In training, `data.pseudo_dir=TEST_DIR` does the same from the EMA weights (the raw weights when
 EMA is off) at the start of every `data.pseudo_every_epochs`-th epoch (k, 2k, ...; not before the
-model has trained k epochs) into `<output_dir>/pseudo/epochNNNN/` (the previous round is then
-removed), and `PseudoMix` serves a pseudo-labelled sample in place of a training sample with
+model has trained k epochs) into `<output_dir>/pseudo/epochNNNN/` (every process labels its share
+of the files, `pseudo/dataR_K.npy` for process R of several; the previous round is then removed),
+and `PseudoMix` serves a pseudo-labelled sample in place of a training sample with
 probability `data.pseudo_fraction`, drawn from (seed, epoch, index) like the flip. A resumed run
 reads the round on disk; a round can only be made again at the start of its own epoch, where the
 weights are those of the `last` checkpoint it was made from, so resume stays exact.
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.state import PartialState
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from gwi.data import SeismicPairs
@@ -52,32 +53,31 @@ SEISMIC_DTYPE, VELOCITY_DTYPE = np.float16, np.float32  # as gwi.convert writes
 _MIX_STREAM = 0x5EED  # keeps PseudoMix's draws apart from the flip's, which use the same (seed, epoch, index)
 
 
-def label_folder(task, model, data: Path, out: Path, *, source: str, tta: str = "none", max_misfit: float | None = None,
-                 physics: PhysicsOptions = PhysicsOptions(), batch_size: int = 8, num_workers: int = 0, device=None,
-                 progress: bool = True) -> dict:
-    """Pseudo-label the test folder `data` into `out` (module docstring) with `model` through
-    `task.predict`; `source` names the weights in the manifest. Returns the manifest."""
+def label_part(task, model, files: TestFiles, indices: list[int], folder: Path, *, shard_prefix: str = "",
+               tta: str = "none", max_misfit: float | None = None, physics: PhysicsOptions = PhysicsOptions(),
+               batch_size: int = 8, num_workers: int = 0, device=None, progress: bool = True) -> list[dict]:
+    """Pseudo-label the test files `indices` of `files` with `model` through `task.predict`: the kept
+    pairs go to `folder`/pseudo/{data,model}/{data,model}<shard_prefix>K.npy, PER_FILE a file.
+    Returns a row per file (source, misfit, kept, and where a kept one went), in `indices` order."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    files = TestFiles(data)
     # Its own generator: an iterator would otherwise draw its seed from the global RNG, and a run
     # that makes a round must continue exactly as one that resumes and reads it.
-    loader = DataLoader(files, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator())
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    loader = DataLoader(Subset(files, indices), batch_size=batch_size, num_workers=num_workers, generator=torch.Generator())
     task_tta, task.tta = task.tta, tta
     was_training = model.training
     model.eval()
     refine_batch = physics.batch_size or (REFINE_BATCH_CUDA if device.type == "cuda" else REFINE_BATCH_CPU)
-    bar = tqdm(total=len(files), desc="pseudo-label", unit="map", disable=not progress)
+    bar = tqdm(total=len(indices), desc="pseudo-label", unit="map", disable=not progress)
     rows, kept_seismic, kept_velocity, shards = [], [], [], 0
+
+    def shard_name(kind: str, number: int) -> str:
+        return f"{PSEUDO_FAMILY}/{kind}/{kind}{shard_prefix}{number}.npy"
 
     def write_shard():
         nonlocal shards
         shards += 1
-        family = tmp / PSEUDO_FAMILY
-        for path, arrays, dtype in ((family / "data" / f"data{shards}.npy", kept_seismic, SEISMIC_DTYPE),
-                                    (family / "model" / f"model{shards}.npy", kept_velocity, VELOCITY_DTYPE)):
-            with npy_writer(path, dtype, (len(arrays), *arrays[0].shape)) as array:
+        for kind, arrays, dtype in (("data", kept_seismic, SEISMIC_DTYPE), ("model", kept_velocity, VELOCITY_DTYPE)):
+            with npy_writer(folder / shard_name(kind, shards), dtype, (len(arrays), *arrays[0].shape)) as array:
                 array[:] = np.stack(arrays)
         kept_seismic.clear()
         kept_velocity.clear()
@@ -97,7 +97,7 @@ def label_folder(task, model, data: Path, out: Path, *, source: str, tta: str = 
                     row = {"source": files.paths[file_index].name, "misfit": round(float(misfit[i]), 6)}
                     row["kept"] = max_misfit is None or row["misfit"] <= max_misfit
                     if row["kept"]:
-                        row |= {"file": f"{PSEUDO_FAMILY}/data/data{shards + 1}.npy", "row": len(kept_seismic)}
+                        row |= {"file": shard_name("data", shards + 1), "row": len(kept_seismic)}
                         kept_seismic.append(simulated[i].cpu().numpy().astype(SEISMIC_DTYPE))
                         kept_velocity.append(velocity[i].cpu().numpy().astype(VELOCITY_DTYPE))
                         if len(kept_seismic) == PER_FILE:
@@ -106,21 +106,48 @@ def label_folder(task, model, data: Path, out: Path, *, source: str, tta: str = 
                 bar.update(len(index))
         if kept_seismic:
             write_shard()
-        kept = [row["misfit"] for row in rows if row["kept"]]
-        manifest = {"checkpoint": source, "data": str(Path(data).resolve()), "tta": tta, "max_misfit": max_misfit,
-                    "refine": {"steps": physics.refine_steps, "tv_weight": physics.refine_tv, "lr": physics.refine_lr}
-                    if physics.refine_steps else None,
-                    "seismic_dtype": np.dtype(SEISMIC_DTYPE).name, "velocity_dtype": np.dtype(VELOCITY_DTYPE).name,
-                    "files": len(rows), "kept": len(kept), "dropped": len(rows) - len(kept),
-                    "misfit_mean": float(np.mean([row["misfit"] for row in rows])),
-                    "misfit_mean_kept": float(np.mean(kept)) if kept else None, "samples": rows}
-        tmp.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        os.replace(tmp, out)  # the folder appears complete; an empty folder at `out` is replaced
     finally:
         bar.close()
         model.train(was_training)
         task.tta = task_tta
+    return rows
+
+
+def pseudo_manifest(rows: list[dict], *, source: str, data: Path, tta: str, max_misfit: float | None,
+                    physics: PhysicsOptions) -> dict:
+    """The manifest.json of a pseudo-label folder: the weights, the settings, the totals and the rows."""
+    kept = [row["misfit"] for row in rows if row["kept"]]
+    return {"checkpoint": source, "data": str(Path(data).resolve()), "tta": tta, "max_misfit": max_misfit,
+            "refine": {"steps": physics.refine_steps, "tv_weight": physics.refine_tv, "lr": physics.refine_lr}
+            if physics.refine_steps else None,
+            "seismic_dtype": np.dtype(SEISMIC_DTYPE).name, "velocity_dtype": np.dtype(VELOCITY_DTYPE).name,
+            "files": len(rows), "kept": len(kept), "dropped": len(rows) - len(kept),
+            "misfit_mean": float(np.mean([row["misfit"] for row in rows])),
+            "misfit_mean_kept": float(np.mean(kept)) if kept else None, "samples": rows}
+
+
+def publish(tmp: Path, out: Path, manifest: dict) -> None:
+    """The finished folder `tmp` with its manifest, renamed to `out`: it appears complete or not at all
+    (an empty folder at `out` is replaced)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    os.replace(tmp, out)
+
+
+def label_folder(task, model, data: Path, out: Path, *, source: str, tta: str = "none", max_misfit: float | None = None,
+                 physics: PhysicsOptions = PhysicsOptions(), batch_size: int = 8, num_workers: int = 0, device=None,
+                 progress: bool = True) -> dict:
+    """Pseudo-label the test folder `data` into `out` (module docstring) with `model` through
+    `task.predict`; `source` names the weights in the manifest. Returns the manifest."""
+    files = TestFiles(data)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        rows = label_part(task, model, files, list(range(len(files))), tmp, tta=tta, max_misfit=max_misfit,
+                          physics=physics, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+        manifest = pseudo_manifest(rows, source=source, data=data, tta=tta, max_misfit=max_misfit, physics=physics)
+        publish(tmp, out, manifest)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
@@ -196,24 +223,48 @@ class PseudoRounds:
         if round_epoch == self.loaded:
             return
         folder = self.folder(round_epoch)
-        if round_epoch:
-            state = PartialState()
-            # The main process makes a missing round; every process waits at the same barrier either way.
-            if state.is_main_process and read_manifest(folder) is None:
-                if epoch != round_epoch or batch:
-                    raise UserError(f"{folder}: the pseudo-labels of epoch {round_epoch} are missing; they were made from "
-                                    f"the weights of the start of that epoch and cannot be made again from later ones: "
-                                    f"restore the folder, or start a new run")
-                print(f"pseudo-labels: epoch {epoch}: predicting {self.data.pseudo_dir} into {folder}", flush=True)
-                label_folder(self.task, model, Path(self.data.pseudo_dir), folder, source=f"{self.root.parent} epoch {epoch}",
-                             tta=self.data.pseudo_tta, max_misfit=self.data.pseudo_max_misfit, batch_size=self.batch_size,
-                             device=next(model.parameters()).device)
-                for old in self.root.glob("epoch*"):
-                    if old != folder:
-                        shutil.rmtree(old, ignore_errors=True)
-            state.wait_for_everyone()
+        if round_epoch and read_manifest(folder) is None:
+            if epoch != round_epoch or batch:
+                raise UserError(f"{folder}: the pseudo-labels of epoch {round_epoch} are missing; they were made from "
+                                f"the weights of the start of that epoch and cannot be made again from later ones: "
+                                f"restore the folder, or start a new run")
+            self.make_round(model, folder, epoch)
         mix.use(pseudo_pairs(folder, self.data.flip, self.seed) if round_epoch else None)
         self.loaded = round_epoch
+
+    def make_round(self, model, folder: Path, epoch: int) -> None:
+        """Every process labels its share of the test files (file i goes to process i % processes)
+        into one shared temporary folder; the main process then writes the manifest and renames the
+        folder into place. Every process decided to come here from the same state of the disk:
+        nothing is written until all of them have passed the first barrier."""
+        state = PartialState()
+        parts = self.root / f".{folder.name}.parts"
+        state.wait_for_everyone()
+        if state.is_main_process:
+            print(f"pseudo-labels: epoch {epoch}: predicting {self.data.pseudo_dir} into {folder}", flush=True)
+            shutil.rmtree(parts, ignore_errors=True)  # a crashed earlier attempt's
+            parts.mkdir(parents=True)
+        state.wait_for_everyone()
+        files = TestFiles(self.data.pseudo_dir)
+        rank, processes = state.process_index, state.num_processes
+        rows = label_part(self.task, model, files, list(range(rank, len(files), processes)), parts,
+                          shard_prefix="" if processes == 1 else f"{rank + 1}_", tta=self.data.pseudo_tta,
+                          max_misfit=self.data.pseudo_max_misfit, batch_size=self.batch_size,
+                          device=next(model.parameters()).device, progress=state.is_main_process)
+        write_text_atomic(parts / f"rows{rank}.json", json.dumps(rows))
+        state.wait_for_everyone()
+        if state.is_main_process:
+            shares = [json.loads((parts / f"rows{r}.json").read_text()) for r in range(processes)]
+            rows = [shares[i % processes][i // processes] for i in range(len(files))]  # back in file order
+            for r in range(processes):
+                (parts / f"rows{r}.json").unlink()
+            publish(parts, folder, pseudo_manifest(rows, source=f"{self.root.parent} epoch {epoch}", data=Path(self.data.pseudo_dir),
+                                                   tta=self.data.pseudo_tta, max_misfit=self.data.pseudo_max_misfit,
+                                                   physics=PhysicsOptions()))
+            for old in self.root.glob("epoch*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+        state.wait_for_everyone()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SMOKE_GWI, read_metrics
+from conftest import SMOKE_GWI, accelerate_launch, read_metrics
 from gwi import online as online_sim
 from gwi.layout import MANIFEST, find_pairs
 from gwi.physics.acoustic import forward_model
@@ -236,3 +236,26 @@ def test_online_draws_with_pseudo_labels_resume_exactly(setup, tmp_path, monkeyp
     for name in ("model.safetensors", "weights.safetensors"):
         a, b = (load_file(str(d / "checkpoints" / "last" / name)) for d in (tmp_path / "straight", interrupted))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_round_and_write_one_manifest_in_file_order(setup, tmp_path):
+    tree, _, test = setup
+    run = tmp_path / "run"
+    result = accelerate_launch(2, "train.py", SMOKE_GWI, *smoke_files(tree, run, "trainer.epochs=2", f"data.pseudo_dir={test}",
+                                                                       "data.pseudo_every_epochs=1", "trainer.batch_size=2"))
+    assert result.returncode == 0, result.stderr
+    folder = run / "pseudo" / "epoch0001"
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert [row["source"] for row in manifest["samples"]] == ["a.npy", "b.npy", "c.npy"] and manifest["kept"] == 3
+    # a.npy and c.npy went to process 0, b.npy to process 1: each wrote its own shard
+    assert [row["file"] for row in manifest["samples"]] == [f"{PSEUDO_FAMILY}/data/data{r}_1.npy" for r in (1, 2, 1)]
+    assert [row["row"] for row in manifest["samples"]] == [0, 0, 1]
+    assert sorted(p.name for p in run.joinpath("pseudo").iterdir()) == ["epoch0001"]  # no parts folder left
+    pairs = find_pairs([folder])
+    assert sum(p.samples for p in pairs) == 3
+    # each row's misfit is that of the map stored where the row says, against its own test file
+    velocity = np.stack([np.load(folder / row["file"].replace("/data/data", "/model/model"))[row["row"]]
+                         for row in manifest["samples"]])
+    observed = np.stack([np.load(test / row["source"]) for row in manifest["samples"]])
+    np.testing.assert_allclose([r["misfit"] for r in manifest["samples"]], seismic_misfit(velocity, observed), rtol=1e-4)
