@@ -6,17 +6,19 @@ map's error, and the set is a training root like any other.
 
     python -m gwi.pseudo --checkpoint RUN --data TEST_DIR --out DIR [--refine-steps N] [--max-misfit M]
                          [--tta flip|scale|flip+scale] [--batch-size B] [--num-workers W]
+    accelerate launch -m gwi.pseudo ...    (every process labels its share of the files)
 
 DIR holds `pseudo/data/dataK.npy` ((n, 5, 1000, 70) float16 seismic, as gwi.convert writes) and
 `pseudo/model/modelK.npy` ((n, 1, 70, 70) float32), up to 500 samples a file, and `manifest.json`
 (the checkpoint, the settings, and per test file its misfit, whether it was kept and where it went).
-DIR appears complete or not at all: it is written under a temporary name and renamed.
+DIR appears complete or not at all: it is written under a temporary name and renamed. Under
+several processes, file i is labelled by process i mod N (its shards `dataR_K.npy`, R = i mod N + 1)
+and the main process writes the one manifest, in file order.
 
 In training, `data.pseudo_dir=TEST_DIR` does the same from the EMA weights (the raw weights when
 EMA is off) at the start of every `data.pseudo_every_epochs`-th epoch (k, 2k, ...; not before the
 model has trained k epochs) into `<output_dir>/pseudo/epochNNNN/` (every process labels its share
-of the files, `pseudo/dataR_K.npy` for process R of several; the previous round is then removed),
-and `PseudoMix` serves a pseudo-labelled sample in place of a training sample with
+of the files, as under accelerate launch above; the previous round is then removed), and `PseudoMix` serves a pseudo-labelled sample in place of a training sample with
 probability `data.pseudo_fraction`, drawn from (seed, epoch, index) like the flip. A resumed run
 reads the round on disk; a round can only be made again at the start of its own epoch, where the
 weights are those of the `last` checkpoint it was made from, so resume stays exact.
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.state import PartialState
+from accelerate.utils import gather_object, parse_flag_from_env
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
@@ -43,7 +46,7 @@ from gwi.physics.fwi import refine, relative_misfit
 from gwi.physics.synth import PER_FILE
 from gwi.scaling import TTA_MODES
 from gwi.submission import REFINE_BATCH_CPU, REFINE_BATCH_CUDA, PhysicsOptions, TestFiles
-from harness.errors import ArgumentParser, ConfigError, UserError, number, print_user_error
+from harness.errors import ArgumentParser, ConfigError, UserError, number, print_user_error, user_message
 from harness.files import write_text_atomic
 from harness.inference import load_ensemble, print_json
 
@@ -138,18 +141,44 @@ def label_folder(task, model, data: Path, out: Path, *, source: str, tta: str = 
                  physics: PhysicsOptions = PhysicsOptions(), batch_size: int = 8, num_workers: int = 0, device=None,
                  progress: bool = True) -> dict:
     """Pseudo-label the test folder `data` into `out` (module docstring) with `model` through
-    `task.predict`; `source` names the weights in the manifest. Returns the manifest."""
+    `task.predict`; `source` names the weights in the manifest. Returns the manifest. Under several
+    processes (accelerate launch) every process must call it: file i is labelled by process i mod N
+    into one shared temporary folder (shards dataR_K.npy), and the main process writes the manifest,
+    in file order, and renames the folder into place. Nothing is written before every process has
+    arrived, so all of them decided to call it from the same state of the disk."""
+    state = PartialState()
     files = TestFiles(data)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt's
+        tmp.mkdir(parents=True)
+    state.wait_for_everyone()
+    rank, processes = state.process_index, state.num_processes
     try:
-        rows = label_part(task, model, files, list(range(len(files))), tmp, tta=tta, max_misfit=max_misfit,
-                          physics=physics, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
-        manifest = pseudo_manifest(rows, source=source, data=data, tta=tta, max_misfit=max_misfit, physics=physics)
-        publish(tmp, out, manifest)
+        problem = None
+        try:
+            rows = label_part(task, model, files, list(range(rank, len(files), processes)), tmp,
+                              shard_prefix="" if processes == 1 else f"{rank + 1}_", tta=tta, max_misfit=max_misfit,
+                              physics=physics, batch_size=batch_size, num_workers=num_workers, device=device,
+                              progress=progress and state.is_main_process)
+            write_text_atomic(tmp / f"rows{rank}.json", json.dumps(rows))
+        except UserError as err:  # e.g. a malformed file in this process's share: every process stops with it
+            problem = user_message(err)
+        problems = [p for p in gather_object([problem]) if p]  # every process's, so all of them agree
+        if problems:
+            raise UserError(problems[0])
+        if state.is_main_process:
+            shares = [json.loads((tmp / f"rows{r}.json").read_text()) for r in range(processes)]
+            for r in range(processes):
+                (tmp / f"rows{r}.json").unlink()
+            rows = [shares[i % processes][i // processes] for i in range(len(files))]  # back in file order
+            publish(tmp, out, pseudo_manifest(rows, source=source, data=data, tta=tta, max_misfit=max_misfit, physics=physics))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
+        if state.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+    state.wait_for_everyone()
+    return read_manifest(out)
 
 
 def check_pseudo_config(data) -> None:
@@ -233,34 +262,15 @@ class PseudoRounds:
         self.loaded = round_epoch
 
     def make_round(self, model, folder: Path, epoch: int) -> None:
-        """Every process labels its share of the test files (file i goes to process i % processes)
-        into one shared temporary folder; the main process then writes the manifest and renames the
-        folder into place. Every process decided to come here from the same state of the disk:
-        nothing is written until all of them have passed the first barrier."""
+        """The round of `epoch` into `folder`, labelled by every process (label_folder); then the
+        earlier rounds are removed."""
         state = PartialState()
-        parts = self.root / f".{folder.name}.parts"
-        state.wait_for_everyone()
         if state.is_main_process:
             print(f"pseudo-labels: epoch {epoch}: predicting {self.data.pseudo_dir} into {folder}", flush=True)
-            shutil.rmtree(parts, ignore_errors=True)  # a crashed earlier attempt's
-            parts.mkdir(parents=True)
-        state.wait_for_everyone()
-        files = TestFiles(self.data.pseudo_dir)
-        rank, processes = state.process_index, state.num_processes
-        rows = label_part(self.task, model, files, list(range(rank, len(files), processes)), parts,
-                          shard_prefix="" if processes == 1 else f"{rank + 1}_", tta=self.data.pseudo_tta,
-                          max_misfit=self.data.pseudo_max_misfit, batch_size=self.batch_size,
-                          device=next(model.parameters()).device, progress=state.is_main_process)
-        write_text_atomic(parts / f"rows{rank}.json", json.dumps(rows))
-        state.wait_for_everyone()
+        label_folder(self.task, model, Path(self.data.pseudo_dir), folder, source=f"{self.root.parent} epoch {epoch}",
+                     tta=self.data.pseudo_tta, max_misfit=self.data.pseudo_max_misfit, batch_size=self.batch_size,
+                     device=next(model.parameters()).device)
         if state.is_main_process:
-            shares = [json.loads((parts / f"rows{r}.json").read_text()) for r in range(processes)]
-            rows = [shares[i % processes][i // processes] for i in range(len(files))]  # back in file order
-            for r in range(processes):
-                (parts / f"rows{r}.json").unlink()
-            publish(parts, folder, pseudo_manifest(rows, source=f"{self.root.parent} epoch {epoch}", data=Path(self.data.pseudo_dir),
-                                                   tta=self.data.pseudo_tta, max_misfit=self.data.pseudo_max_misfit,
-                                                   physics=PhysicsOptions()))
             for old in self.root.glob("epoch*"):
                 if old != folder:
                     shutil.rmtree(old, ignore_errors=True)
@@ -292,13 +302,17 @@ def main(argv: list[str] | None = None) -> int:
         physics = PhysicsOptions(refine_steps=args.refine_steps,
                                  **{k: v for k, v in (("refine_tv", args.refine_tv), ("refine_lr", args.refine_lr)) if v is not None})
         task, _, model = load_ensemble(args.checkpoint, args.overrides)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Under accelerate launch every process labels its share of the files; a CPU launch says so by
+        # ACCELERATE_USE_CPU, which only Accelerator reads itself.
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+        device = state.device
         manifest = label_folder(task, model.to(device), args.data, args.out, source=", ".join(args.checkpoint), tta=args.tta,
                                 max_misfit=args.max_misfit, physics=physics, batch_size=args.batch_size,
                                 num_workers=args.num_workers, device=device)
     except UserError as err:
         return print_user_error(err)
-    print_json({key: manifest[key] for key in ("files", "kept", "dropped", "misfit_mean", "misfit_mean_kept")} | {"out": str(args.out)})
+    if state.is_main_process:
+        print_json({key: manifest[key] for key in ("files", "kept", "dropped", "misfit_mean", "misfit_mean_kept")} | {"out": str(args.out)})
     return 0
 
 

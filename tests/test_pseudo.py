@@ -259,3 +259,32 @@ def test_two_processes_share_a_round_and_write_one_manifest_in_file_order(setup,
                          for row in manifest["samples"]])
     observed = np.stack([np.load(test / row["source"]) for row in manifest["samples"]])
     np.testing.assert_allclose([r["misfit"] for r in manifest["samples"]], seismic_misfit(velocity, observed), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_splits_the_cli_over_processes_with_the_same_labels(setup, tmp_path):
+    _, run, test = setup
+    assert main(["--checkpoint", str(run), "--data", str(test), "--out", str(tmp_path / "one"), "--num-workers", "0"]) == 0
+    result = accelerate_launch(2, "gwi.pseudo", "--checkpoint", run, "--data", test, "--out", tmp_path / "two",
+                               "--num-workers", "0", module=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count('"kept": 3') == 1  # one summary, from the main process
+    one, two = (json.loads((tmp_path / name / MANIFEST).read_text()) for name in ("one", "two"))
+    assert [r["source"] for r in one["samples"]] == [r["source"] for r in two["samples"]]
+    np.testing.assert_allclose([r["misfit"] for r in two["samples"]], [r["misfit"] for r in one["samples"]], rtol=1e-5)
+    maps = [np.stack([np.load(tmp_path / name / r["file"].replace("/data/data", "/model/model"))[r["row"]] for r in m["samples"]])
+            for name, m in (("one", one), ("two", two))]
+    np.testing.assert_allclose(maps[1], maps[0], atol=1e-2)  # m/s
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no temporary folder left
+
+    # a malformed file in process 1's share (b.npy): both processes stop with its one-line error, nothing written
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("a", "b", "c"):
+        (broken / f"{name}.npy").write_bytes((test / f"{name}.npy").read_bytes())
+    (broken / "b.npy").write_text("not an array")
+    result = accelerate_launch(2, "gwi.pseudo", "--checkpoint", run, "--data", broken, "--out", tmp_path / "three",
+                               "--num-workers", "0", module=True)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 1 and errors[0].startswith(f"error: {broken / 'b.npy'}: not a readable")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "one", "two"]
