@@ -108,6 +108,20 @@ def test_pseudo_bad_input_is_one_line_and_leaves_nothing(setup, tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "taken"]  # no output, no temporary folder
 
 
+def stopped_after_update(update: int, cfg, monkeypatch) -> dict:
+    """The run of `cfg` stopped by SIGTERM after update `update` (the loop's handler saves `last`)."""
+    original = GwiTask.after_update
+
+    def stop(self, model, step):
+        if step == update - 1:
+            signal.raise_signal(signal.SIGTERM)  # the loop stops after the next update
+        return original(self, model, step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(GwiTask, "after_update", stop)
+        return train(cfg)
+
+
 def test_in_training_rounds_resume_exactly_from_the_round_on_disk(setup, tmp_path, monkeypatch):
     tree, _, test = setup
     # 8 samples in batches of 2: 4 updates an epoch; a round at the start of epoch 2 (k = 2), after
@@ -119,17 +133,8 @@ def test_in_training_rounds_resume_exactly_from_the_round_on_disk(setup, tmp_pat
     manifest = json.loads((tmp_path / "straight" / "pseudo" / "epoch0002" / MANIFEST).read_text())
     assert manifest["files"] == 3 and manifest["tta"] == "flip"
 
-    original = GwiTask.after_update
-
-    def stop_after_update_10(self, model, step):
-        if step == 9:
-            signal.raise_signal(signal.SIGTERM)  # the loop's handler: it stops after the next update
-        return original(self, model, step)
-
     interrupted = tmp_path / "interrupted"
-    with monkeypatch.context() as patch:
-        patch.setattr(GwiTask, "after_update", stop_after_update_10)
-        stopped = train(load_config(SMOKE_GWI, smoke_files(tree, interrupted, *common)))
+    stopped = stopped_after_update(10, load_config(SMOKE_GWI, smoke_files(tree, interrupted, *common)), monkeypatch)
     assert stopped["stopped"] == "SIGTERM" and ckpt.read_meta(interrupted / "checkpoints" / "last")["step"] == 10
     round_file = interrupted / "pseudo" / "epoch0002" / MANIFEST
     made = round_file.stat().st_mtime_ns
@@ -220,17 +225,8 @@ def test_online_draws_with_pseudo_labels_resume_exactly(setup, tmp_path, monkeyp
     _, _, test = setup
     straight = train(load_config(SMOKE_GWI, online_with_test(test, tmp_path / "straight")))
     assert straight["step"] == 6
-    original = GwiTask.after_update
-
-    def stop_after_update_5(self, model, step):  # mid-epoch 1, after its round
-        if step == 4:
-            signal.raise_signal(signal.SIGTERM)  # the loop's handler: it stops after the next update
-        return original(self, model, step)
-
-    interrupted = tmp_path / "interrupted"
-    with monkeypatch.context() as patch:
-        patch.setattr(GwiTask, "after_update", stop_after_update_5)
-        assert train(load_config(SMOKE_GWI, online_with_test(test, interrupted)))["stopped"] == "SIGTERM"
+    interrupted = tmp_path / "interrupted"  # stopped mid-epoch 1, after its round
+    assert stopped_after_update(5, load_config(SMOKE_GWI, online_with_test(test, interrupted)), monkeypatch)["stopped"] == "SIGTERM"
     assert ckpt.read_meta(interrupted / "checkpoints" / "last")["step"] == 5
     assert train(load_config(SMOKE_GWI, online_with_test(test, interrupted)))["step"] == 6
     for name in ("model.safetensors", "weights.safetensors"):
