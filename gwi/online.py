@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -281,13 +282,23 @@ class MixedTrainingSet(Dataset):
         return sample if len(sample) == 4 else (*sample, False)
 
 
-def sample_format(dataset: Dataset) -> tuple[torch.dtype, bool]:
-    """(seismic dtype, online flag) of a training set's samples, for a set that wraps it and serves
-    stored samples of its own among them: the dtype of a stored sample, or the simulator's float32
-    when the first sample is an online draw; whether samples carry the online flag (a
+class SampleFormat(NamedTuple):
+    """How a training set's samples look, for a set that wraps it and serves stored samples of its
+    own among them (`sample_format`): the seismic dtype, and whether samples carry the online flag."""
+    dtype: torch.dtype
+    online_flag: bool
+
+    def stored(self, seismic: torch.Tensor, velocity: torch.Tensor, family: int) -> tuple:
+        """A stored sample of the wrapping set in this format, so it stacks with the wrapped set's."""
+        return (seismic.to(self.dtype), velocity, family) + ((False,) if self.online_flag else ())
+
+
+def sample_format(dataset: Dataset) -> SampleFormat:
+    """The format of a training set's samples: the dtype of a stored sample, or the simulator's
+    float32 when the first sample is an online draw; the online flag when they carry one (a
     `MixedTrainingSet`'s do)."""
     first = dataset[0]
-    return (torch.float32 if first[0] is None else first[0].dtype), len(first) == 4
+    return SampleFormat(torch.float32 if first[0] is None else first[0].dtype, len(first) == 4)
 
 
 def collate(samples: list):

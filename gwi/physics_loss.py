@@ -132,7 +132,7 @@ class WithUnlabelled(Dataset):
 
     def __init__(self, labelled: Dataset, unlabelled: UnlabelledFiles):
         self.labelled, self.unlabelled = labelled, unlabelled
-        self.dtype, self.online_flag = sample_format(labelled)
+        self.format = sample_format(labelled)
 
     def set_epoch(self, epoch: int) -> None:
         self.labelled.set_epoch(epoch)
@@ -144,4 +144,4 @@ class WithUnlabelled(Dataset):
         if index < len(self.labelled):
             return self.labelled[index]
         seismic, velocity, family = self.unlabelled[index - len(self.labelled)]
-        return (seismic.to(self.dtype), velocity, family) + ((False,) if self.online_flag else ())
+        return self.format.stored(seismic, velocity, family)

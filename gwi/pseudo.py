@@ -156,23 +156,20 @@ def label_folder(task, model, data: Path, out: Path, *, source: str, tta: str = 
     state.wait_for_everyone()
     rank, processes = state.process_index, state.num_processes
     try:
-        problem = None
+        rows, problem = None, None
         try:
             rows = label_part(task, model, files, list(range(rank, len(files), processes)), tmp,
                               shard_prefix="" if processes == 1 else f"{rank + 1}_", tta=tta, max_misfit=max_misfit,
                               physics=physics, batch_size=batch_size, num_workers=num_workers, device=device,
                               progress=progress and state.is_main_process)
-            write_text_atomic(tmp / f"rows{rank}.json", json.dumps(rows))
         except UserError as err:  # e.g. a malformed file in this process's share: every process stops with it
             problem = user_message(err)
-        problems = [p for p in gather_object([problem]) if p]  # every process's, so all of them agree
+        shares = gather_object([(rows, problem)])  # every process's, in process order: all of them agree
+        problems = [problem for _, problem in shares if problem]
         if problems:
             raise UserError(problems[0])
         if state.is_main_process:
-            shares = [json.loads((tmp / f"rows{r}.json").read_text()) for r in range(processes)]
-            for r in range(processes):
-                (tmp / f"rows{r}.json").unlink()
-            rows = [shares[i % processes][i // processes] for i in range(len(files))]  # back in file order
+            rows = [shares[i % processes][0][i // processes] for i in range(len(files))]  # back in file order
             publish(tmp, out, pseudo_manifest(rows, source=source, data=data, tta=tta, max_misfit=max_misfit, physics=physics))
     finally:
         if state.is_main_process:
@@ -209,7 +206,7 @@ class PseudoMix(Dataset):
     def __init__(self, base, fraction: float, seed: int):
         self.base, self.fraction, self.seed, self.epoch = base, fraction, seed, 0
         self.pseudo: SeismicPairs | None = None
-        self.dtype, self.online_flag = sample_format(base)  # a batch stacks one dtype and one tuple length
+        self.format = sample_format(base)  # a batch stacks one dtype and one tuple length
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -230,7 +227,7 @@ class PseudoMix(Dataset):
             rng = np.random.default_rng([self.seed % 2**64, self.epoch, index, _MIX_STREAM])
             if rng.random() < self.fraction:
                 seismic, velocity, _ = self.pseudo[int(rng.integers(len(self.pseudo)))]
-                return (seismic.to(self.dtype), velocity, PSEUDO_FAMILY_INDEX) + ((False,) if self.online_flag else ())
+                return self.format.stored(seismic, velocity, PSEUDO_FAMILY_INDEX)
         return self.base[index]
 
 
